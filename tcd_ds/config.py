@@ -1,0 +1,355 @@
+"""One typed config tree for tcd-ds: plain dataclasses, recipes by name, `key=value` overrides.
+
+Every section validates its own values; `Config.validate()` checks what spans sections. Errors are
+`ConfigError` with one line that names the bad key (and the nearest valid one for a typo).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: the message is one line meant for the user."""
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts FFN. `num_experts == 0` means a dense (vanilla) FFN everywhere."""
+
+    num_experts: int = 0
+    top_k: int = 1
+    moe_every: int = 1  # 1: every layer is MoE; 2: layers 1, 3, 5, ... (0-based odd) are MoE
+    capacity_factor: float = 0.0  # 0: dropless; > 0: capacity = ceil(cf * tokens * top_k / experts)
+    eval_capacity_factor: float = 0.0  # used in eval mode; 0: dropless
+    min_capacity: int = 4  # lower bound of the per-expert capacity when capacity_factor > 0
+    aux_loss_weight: float = 0.01  # Switch load-balancing loss weight
+    z_loss_weight: float = 0.0  # router z-loss weight (ST-MoE); 0 disables it
+    jitter: float = 0.0  # multiplicative router-input noise U(1-j, 1+j) in training (Switch)
+    normalize_top_k: bool = True  # renormalise the k gate values to sum to 1 (top_k > 1)
+    backend: str = "torch"  # torch | grouped | deepspeed | megablocks
+    ep_size: int = 1  # expert-parallel world size (deepspeed backend)
+
+    def validate(self) -> None:
+        if self.num_experts < 0:
+            raise ConfigError(f"model.moe.num_experts must be >= 0, got {self.num_experts}")
+        if self.num_experts == 0:
+            return
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"model.moe.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.moe_every < 1:
+            raise ConfigError(f"model.moe.moe_every must be >= 1, got {self.moe_every}")
+        if self.capacity_factor < 0 or self.eval_capacity_factor < 0:
+            raise ConfigError("model.moe.capacity_factor and eval_capacity_factor must be >= 0 (0 = dropless)")
+        if not 0 <= self.jitter < 1:
+            raise ConfigError(f"model.moe.jitter must be in [0, 1), got {self.jitter}")
+        backends = ("torch", "grouped", "deepspeed", "megablocks")
+        if self.backend not in backends:
+            raise ConfigError(f"model.moe.backend must be one of {', '.join(backends)}, got {self.backend!r}")
+        if self.ep_size < 1 or self.num_experts % self.ep_size:
+            raise ConfigError(
+                f"model.moe.ep_size={self.ep_size} must divide model.moe.num_experts={self.num_experts}")
+        if self.ep_size > 1 and self.backend != "deepspeed":
+            raise ConfigError(f"model.moe.ep_size={self.ep_size} needs model.moe.backend=deepspeed "
+                              f"(backend {self.backend!r} keeps all experts on every rank)")
+
+
+@dataclass
+class ModelConfig:
+    """A BERT encoder; the names follow Hugging Face `BertConfig` where they map one to one."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 512
+    max_position: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    activation_checkpointing: bool = False  # non-reentrant, per layer
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
+        self.moe.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether layer `index` (0-based) has an MoE FFN: with moe_every=k, layers k-1, 2k-1, ..."""
+        return self.moe.num_experts > 0 and (index + 1) % self.moe.moe_every == 0
+
+
+@dataclass
+class DistillConfig:
+    """Relation alignment (TCD): which positions, their weights and the loss form."""
+
+    positions: str = "TIA"  # any subset of T (trunk), I (residual inner), A (attention Q/K/V)
+    weight_t: float = 1.0
+    weight_i: float = 1.0
+    weight_a: float = 1.0
+    form: str = "mse"  # mse | kl
+    tau: float = 1.0  # KL temperature
+    impl: str = "auto"  # auto | naive | gram (the MSE fast path)
+    include_embeddings: bool = True  # T also aligns the embedding output (layer 0)
+
+    def validate(self) -> None:
+        bad = set(self.positions) - set("TIA")
+        if bad or not self.positions:
+            raise ConfigError(f"distill.positions must be a non-empty subset of 'TIA', got {self.positions!r}")
+        if self.form not in ("mse", "kl"):
+            raise ConfigError(f"distill.form must be 'mse' or 'kl', got {self.form!r}")
+        if self.impl not in ("auto", "naive", "gram"):
+            raise ConfigError(f"distill.impl must be auto, naive or gram, got {self.impl!r}")
+        if self.form == "kl" and self.impl == "gram":
+            raise ConfigError("distill.impl=gram is the MSE fast path; use impl=auto or naive with form=kl")
+        if self.tau <= 0:
+            raise ConfigError(f"distill.tau must be > 0, got {self.tau}")
+
+    def weight(self, position: str) -> float:
+        return {"T": self.weight_t, "I": self.weight_i, "A": self.weight_a}[position]
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen vanilla teacher: a Hugging Face BERT dir or a tcd-ds export dir."""
+
+    path: str = ""
+    dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32
+
+    def validate(self) -> None:
+        if self.dtype not in ("auto", "fp16", "bf16", "fp32"):
+            raise ConfigError(f"teacher.dtype must be auto, fp16, bf16 or fp32, got {self.dtype!r}")
+
+
+@dataclass
+class DataConfig:
+    """Pre-training corpus, tokenizer, packing and the held-out evaluation sets."""
+
+    corpus: str = "../shared/data/wikipedia-en-2015"  # WikiExtractor dir, text files, or a hub name
+    vocab: str = "../shared/data/vocab/bert-base-uncased-vocab.txt"  # vocab.txt, or a hub tokenizer name
+    max_seq_len: int = 128
+    max_documents: int = 0  # 0: the whole corpus
+    val_fraction: float = 0.01  # held out from the corpus, by sequence index
+    mlm_probability: float = 0.15
+    cache_dir: str = ".cache/tcd_ds"  # pre-tokenised shards, keyed by a hash of inputs + tokenizer
+    # name=path pairs, comma-separated: held-out text from elsewhere and an out-of-distribution domain
+    eval_corpora: str = ("wikitext2=../shared/data/wikitext-2/wiki.test.raw,"
+                         "gutenberg=../shared/data/gutenberg-novels")
+    eval_max_sequences: int = 256  # per eval corpus
+
+    def validate(self) -> None:
+        if self.max_seq_len < 8:
+            raise ConfigError(f"data.max_seq_len must be >= 8, got {self.max_seq_len}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0 < self.mlm_probability < 1:
+            raise ConfigError(f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+
+    def eval_sets(self) -> dict[str, str]:
+        out = {}
+        for item in filter(None, (x.strip() for x in self.eval_corpora.split(","))):
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"data.eval_corpora entry {item!r} is not name=path")
+            out[name.strip()] = path.strip()
+        return out
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule and the run's cadence. Batch size, accumulation and clipping are
+    written into the DeepSpeed config (whose JSON may say "auto" for them)."""
+
+    max_steps: int = 1000
+    micro_batch_size: int = 32  # per rank
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: str = "linear"  # linear | cosine (after the linear warm-up)
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    log_every: int = 10
+    eval_every: int = 200  # 0: only at the end
+    eval_batches: int = 8  # per eval set
+    save_every: int = 500  # 0: only at the end
+    keep_checkpoints: int = 3
+
+    def validate(self) -> None:
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.schedule not in ("linear", "cosine"):
+            raise ConfigError(f"train.schedule must be linear or cosine, got {self.schedule!r}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0:
+            raise ConfigError("train.lr must be > 0 and warmup_steps, eval_every, save_every >= 0")
+
+
+@dataclass
+class Config:
+    """The root of the tree."""
+
+    mode: str = "tcd"  # vanilla | moe | tcd
+    seed: int = 1234
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        if self.mode not in ("vanilla", "moe", "tcd"):
+            raise ConfigError(f"mode must be vanilla, moe or tcd, got {self.mode!r}")
+        self.model.validate()
+        self.distill.validate()
+        self.teacher.validate()
+        self.data.validate()
+        self.train.validate()
+        if self.mode != "vanilla" and self.model.moe.num_experts == 0:
+            raise ConfigError(f"mode={self.mode} needs an MoE model: set model.moe.num_experts > 0")
+        if self.mode == "tcd" and not self.teacher.path:
+            raise ConfigError("mode=tcd needs a teacher: set teacher.path=<a vanilla run dir or model dir>")
+        if self.data.max_seq_len > self.model.max_position:
+            raise ConfigError(f"data.max_seq_len={self.data.max_seq_len} exceeds model.max_position="
+                              f"{self.model.max_position}")
+        return self
+
+    def student_model(self) -> ModelConfig:
+        """The model this mode trains: vanilla mode drops the MoE FFNs."""
+        if self.mode == "vanilla":
+            return dataclasses.replace(self.model, moe=MoEConfig())
+        return self.model
+
+
+# --- building, overriding, loading ---------------------------------------------------------
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from nested plain values; unknown keys fail with the nearest valid one."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in types:
+            raise ConfigError(_unknown_key(prefix + key, list(types), prefix))
+        tp = types[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, prefix + key + ".")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def _unknown_key(key: str, valid: list[str], prefix: str) -> str:
+    leaf = key[len(prefix):]
+    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(prefix + v for v in valid)}"
+    return f"unknown config key '{key}'{hint}"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a plain value (or a command-line string) to the field's declared type."""
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` strings in order; returns a new validated tree."""
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        path, value = item.split("=", 1)
+        node, parts = data, path.strip().split(".")
+        cls: type = Config
+        for depth, part in enumerate(parts):
+            types = _field_types(cls)
+            prefix = ".".join(parts[:depth]) + ("." if depth else "")
+            if part not in types:
+                raise ConfigError(_unknown_key(prefix + part, list(types), prefix))
+            if depth == len(parts) - 1:
+                if dataclasses.is_dataclass(types[part]):
+                    raise ConfigError(f"config key '{path}' is a section; set one of its keys")
+                node[part] = value
+            else:
+                if not dataclasses.is_dataclass(types[part]):
+                    raise ConfigError(f"config key '{prefix}{part}' is a value, not a section")
+                cls, node = types[part], node[part]
+    return from_dict(Config, data).validate()
+
+
+def load_recipe(name_or_path: str) -> Config:
+    """A recipe by name (`tiny`, `small`, `base`, `large`, `xl`) or a YAML/JSON file path, not yet
+    validated as a whole (a recipe may leave the teacher to the command line)."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        candidates = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"recipe {name_or_path!r} is neither a file nor one of: {', '.join(candidates)}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as err:  # noqa: BLE001 - any parse error becomes one line for the user
+        raise ConfigError(f"recipe {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: "
+                          f"{str(err).splitlines()[0]}") from None
+    return from_dict(Config, data or {})
+
+
+def build_config(recipe: str, overrides: list[str] = ()) -> Config:
+    """Recipe + `key=value` overrides (e.g. `mode=tcd`), validated as a whole."""
+    return apply_overrides(load_recipe(recipe), list(overrides))
