@@ -33,7 +33,7 @@ def teacher_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"teacher path {path} does not exist")
-    if not (path / "config.json").is_file() and (path / "export" / "config.json").is_file():
+    if (path / "export" / "config.json").is_file():
         return path / "export"  # a tcd-ds run directory
     return path
 

@@ -270,13 +270,7 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
 
 def num_parameters(model: nn.Module, active: bool = False) -> int:
     """Parameters in the model; `active=True` counts each MoE layer's experts as top_k experts."""
-    total = 0
-    for name, p in model.named_parameters():
-        n = p.numel()
-        if active and getattr(p, "num_experts_total", 0):
-            n = n * p.top_k // p.num_experts_local
-        total += n
-    return total
+    return sum(round(p.numel() * (getattr(p, "active_fraction", 1.0) if active else 1.0)) for p in model.parameters())
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, masked_fraction: float | None = 0.15) -> float:

@@ -1,0 +1,187 @@
+"""Checkpoints: save, find the latest complete one, resume (with every RNG), and export.
+
+Layout under `<run_dir>/checkpoints/`:
+    step_00000100/            one DeepSpeed checkpoint (model, optimizer, scheduler, experts)
+        rng_rank00000.pt      python / numpy / torch RNG states of each rank
+        config.json           the model's Hugging Face-style config (for export)
+        complete.json         written by rank 0 after every rank finished saving
+    latest                    the tag of the newest complete checkpoint, replaced atomically
+
+A checkpoint without `complete.json` (cut off mid-write) is never chosen on resume. The last
+`keep` complete checkpoints are kept.
+
+Export reads the checkpoint *files*, not the live model, so it works for any backend and for a
+checkpoint saved at any ep_size: DeepSpeed writes each expert to its own file
+(`layer_<L>_expert_<E>_mp_rank_00_model_states.pt`, global expert ids), and DeepSpeed's
+`zero_to_fp32.py` does not handle those; we gather them into the canonical expert layout ourselves.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tcd_ds.model.hf import CheckpointError, config_from_hf, save_pretrained
+
+LATEST = "latest"
+COMPLETE = "complete.json"
+_TAG = re.compile(r"^step_(\d+)$")
+# DeepSpeed MoE keys (see tcd_ds/model/experts/deepspeed.py) -> canonical keys
+_DS_GATE = re.compile(r"^(.*)\.moe\.deepspeed_moe\.gate\.wg\.weight$")
+_DS_EXPERT = re.compile(r"^(.*)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(fc1|fc2)\.(weight|bias)$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, model_config: dict, keep: int) -> Path:
+    """Collective: every rank saves its part, then rank 0 marks the checkpoint complete."""
+    import torch.distributed as dist
+
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank:05d}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        (ckpt_dir / tag / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
+        _write_atomic(ckpt_dir / tag / COMPLETE, json.dumps({"step": step, "time": time.time()}) + "\n")
+        _write_atomic(ckpt_dir / LATEST, tag + "\n")
+        for old, _ in complete_checkpoints(ckpt_dir)[:-keep]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return ckpt_dir / tag
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[tuple[str, int]]:
+    """(tag, step) of every complete checkpoint, oldest first."""
+    found = []
+    for d in Path(ckpt_dir).glob("step_*"):
+        m = _TAG.match(d.name)
+        if m and (d / COMPLETE).is_file():
+            found.append((d.name, int(m.group(1))))
+    return sorted(found, key=lambda x: x[1])
+
+
+def find_latest(ckpt_dir: Path) -> tuple[str | None, list[str]]:
+    """The newest complete checkpoint's tag, and why each newer directory was skipped."""
+    skipped = []
+    for d in sorted(Path(ckpt_dir).glob("step_*"), reverse=True):
+        if not _TAG.match(d.name):
+            continue
+        if (d / COMPLETE).is_file():
+            return d.name, skipped
+        skipped.append(f"{d.name} (incomplete: no {COMPLETE})")
+    return None, skipped
+
+
+def resume(engine, ckpt_dir: Path, tag: str, rank: int) -> dict:
+    """Load model, optimizer, scheduler and this rank's RNG; returns the client state."""
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    rng_file = ckpt_dir / tag / f"rng_rank{rank:05d}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client
+
+
+# --- export ---------------------------------------------------------------------------------
+
+def gather_canonical(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """All weights of a DeepSpeed checkpoint directory in canonical (Hugging Face-named) form."""
+    model_files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if not model_files:
+        raise CheckpointError(f"{tag_dir} holds no mp_rank_*_model_states.pt")
+    sd = dict(torch.load(model_files[0], map_location="cpu", weights_only=False)["module"])
+    experts: dict[str, dict[tuple[str, str], dict[int, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
+    for f in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_*_model_states.pt")):
+        for key, value in torch.load(f, map_location="cpu", weights_only=False).items():
+            m = _DS_EXPERT.match(key)
+            if not m:
+                raise CheckpointError(f"unexpected expert weight {key} in {f.name}")
+            prefix, e, fc, kind = m.groups()
+            experts[prefix][(fc, kind)][int(e)] = value
+    out = {}
+    for key, value in sd.items():
+        m = _DS_GATE.match(key)
+        out[f"{m.group(1)}.router.weight" if m else key] = value
+    for prefix, parts in experts.items():
+        ids = sorted(parts[("fc1", "weight")])
+        if ids != list(range(len(ids))):
+            raise CheckpointError(f"{tag_dir}: experts of {prefix} are incomplete (found ids {ids[:8]}...)")
+        stack = lambda fc, kind: torch.stack([parts[(fc, kind)][e] for e in ids])  # noqa: E731
+        out[f"{prefix}.experts.w1"] = stack("fc1", "weight").transpose(1, 2)
+        out[f"{prefix}.experts.b1"] = stack("fc1", "bias")
+        out[f"{prefix}.experts.w2"] = stack("fc2", "weight").transpose(1, 2)
+        out[f"{prefix}.experts.b2"] = stack("fc2", "bias")
+    return out
+
+
+def export_checkpoint(tag_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a Hugging Face-style directory (config.json + model.safetensors, fp32) from a checkpoint."""
+    from tcd_ds.model.bert import BertForMaskedLM
+    from tcd_ds.model.hf import load_hf_state_dict
+
+    tag_dir = Path(tag_dir)
+    cfg = config_from_hf(json.loads((tag_dir / "config.json").read_text()))
+    cfg.moe.backend, cfg.moe.ep_size = "torch", 1
+    model = BertForMaskedLM(cfg)
+    load_hf_state_dict(model, {k: v.float() for k, v in gather_canonical(tag_dir).items()})
+    return save_pretrained(model, cfg, out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tcd_ds.checkpoint <checkpoint dir or run dir> <out dir>`: export to HF layout."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        raise SystemExit("usage: python -m tcd_ds.checkpoint <checkpoint tag dir | run dir> <out dir>")
+    src = Path(args[0])
+    if (src / "checkpoints").is_dir():
+        src = src / "checkpoints"
+    if not (src / COMPLETE).is_file():
+        tag, _ = find_latest(src)
+        if tag is None:
+            raise SystemExit(f"error: no complete checkpoint under {src}")
+        src = src / tag
+    print(export_checkpoint(src, args[1]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,589 @@
+"""GLUE fine-tuning of a pre-trained (MoE-)BERT export: an lr x seed sweep with resumable results.
+
+    python -m tcd_ds.finetune --model <export dir> --task <TASK> --glue-dir <dir> \\
+        [--lrs 2e-5,5e-5] [--seeds 1,2,3] [--epochs N] [--out <dir>]
+
+`--model` is a tcd-ds export (config.json + model.safetensors, MoE models with a `tcd_moe` section)
+or a Hugging Face BERT directory saved by `transformers`. Task names as GLUE spells them,
+case-insensitive (`CoLA`, `sst-2`, `STSB`, ...); files in the `download_glue_data.py` layout.
+
+What one run is
+---------------
+`BertForSequenceClassification` (pooler + classifier on [CLS]; STS-B: one output, MSE) on top of the
+pre-trained encoder. The encoder must load strictly: the only weights allowed to be absent from the
+checkpoint are the pooler (trained from scratch when the checkpoint has none, loaded when it has
+one, as Hugging Face does) and the classifier (always new; a checkpoint's own task heads are
+ignored). Any other missing or unexpected encoder weight is a `CheckpointError`.
+
+An MoE export fine-tunes with its experts and its router loss: the training loss is the task loss
+plus the model's aux loss (`--aux-loss-weight` overrides the load-balancing weight; default: the
+model's own). Backend `torch` by default, `--moe-backend grouped` for the grouped-matmul experts.
+
+Training: AdamW (betas 0.9/0.999, eps 1e-8, weight decay on all but biases and LayerNorm weights),
+linear warm-up over `--warmup-ratio` of the steps then linear decay to 0, gradient clipping at
+`--max-grad-norm`, dropout as in the model's config, fp32. Each run is seeded: `torch.manual_seed`
+before the heads are initialised (and for dropout), plus a separate seeded generator for the
+shuffling, so a seed gives the same numbers again on the same machine and thread count (CPU; CUDA
+kernels are not guaranteed bitwise reproducible). Batches are padded per batch (dynamic padding).
+
+Evaluation runs at the end of every epoch on `--eval-split` (default `dev`). **The value a run
+reports is the eval metrics at the end of its last epoch** (no early stopping, no selection on the
+eval set inside a run); the best epoch's metrics are recorded beside it in runs.jsonl for reference.
+MNLI with `--eval-split dev` evaluates dev_matched and dev_mismatched and reports `accuracy_m`,
+`accuracy_mm` and `accuracy` = their mean, which is what `glue.glue_score` uses. Metrics are
+fractions (not percent).
+
+`--max-train-examples` / `--max-eval-examples` keep a subset (for quick CPU runs): N examples drawn
+with a fixed generator (seed 0, the same for every run of the sweep), kept in file order.
+
+The sweep and its files
+-----------------------
+The grid is lrs x seeds, run in that order. Each finished run is appended to `<out>/runs.jsonl` as
+one JSON line (flushed and fsynced) with its task, model path, lr, seed, epochs, settings, final
+metrics, best epoch, per-epoch history and seconds. On restart, a run whose (task, model path, lr,
+seed, epochs) *and* training settings (batch size, max length, warm-up, weight decay, subset sizes,
+eval split, MoE options) match a line in runs.jsonl is not run again, so a sweep resumes where it
+stopped; lines with other settings are kept but ignored by the summary.
+
+`<out>/results.json` (written atomically) holds, for every lr, the per-seed values of every metric
+and of the GLUE score with their medians; the best lr is the one with the highest median GLUE score
+(`glue.glue_score`: the mean of the task's metrics; ties go to the lr listed first), and for it the
+per-seed values, median, mean and std of every metric and of the GLUE score. The std is the
+**sample** standard deviation (ddof=1; 0.0 with a single seed).
+
+    {"task", "model", "lrs", "seeds", "epochs", "best_lr", "eval_split", "settings", "std_ddof": 1,
+     "metrics": {metric: {"per_seed": [...], "median", "mean", "std"}},
+     "glue_score": {"per_seed", "median", "mean", "std"},
+     "per_lr": {"2e-05": {"per_seed": {metric: [...], "glue_score": [...]},
+                          "median": {metric: m, "glue_score": m}}, ...}}
+
+Progress goes to stderr (one line per epoch of every run); a summary table goes to stdout.
+
+Launchers
+---------
+Fine-tuning is single-process (one CPU or GPU). Under the `deepspeed` launcher the extra
+`--local_rank` argument is accepted and ignored; with `WORLD_SIZE` > 1 the command refuses to run
+(every rank would repeat the same sweep into the same files); splitting a sweep over processes is
+out of scope: run one command per task or per lr instead, each with its own `--out`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tcd_ds.config import ConfigError, ModelConfig
+from tcd_ds.data import glue
+from tcd_ds.data.glue import Example, GlueDataError, TaskSpec
+from tcd_ds.data.tokenizer import VOCAB_FILENAME, load_tokenizer, special_ids
+from tcd_ds.model.bert import BertForSequenceClassification
+from tcd_ds.model.hf import CheckpointError, load_hf_state_dict, read_pretrained
+
+DEFAULT_VOCAB = "../shared/data/vocab/bert-base-uncased-vocab.txt"
+STD_DDOF = 1  # sample standard deviation over seeds
+SUBSET_SEED = 0  # the --max-*-examples subsets are the same for every run
+
+
+class FinetuneError(ValueError):
+    """A bad argument or input for fine-tuning: one line for the user."""
+
+
+# ---------------------------------------------------------------------------------- arguments
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _float_list(text: str) -> list[float]:
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a number (expected e.g. 2e-5,5e-5)") from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"learning rate {item!r} must be a positive number")
+        out.append(value)
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"duplicate learning rate in {text!r}")
+    return out
+
+
+def _int_list(text: str) -> list[int]:
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            out.append(int(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not an integer seed (expected e.g. 1,2,3)") from None
+        if out[-1] < 0:
+            raise argparse.ArgumentTypeError(f"seed {item!r} must be >= 0")
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"duplicate seed in {text!r}")
+    return out
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = _Parser(prog="python -m tcd_ds.finetune",
+                description="Fine-tune a (MoE-)BERT export on one GLUE task over an lr x seed grid.")
+    p.add_argument("--model", required=True, help="export dir (config.json + weights) or a Hugging Face BERT dir")
+    p.add_argument("--task", required=True, help="GLUE task, case-insensitive (CoLA, SST-2, MRPC, STS-B, ...)")
+    p.add_argument("--glue-dir", required=True, help="glue_data/ (holding <TASK>/train.tsv ...) or the task dir")
+    p.add_argument("--lrs", type=_float_list, default=[2e-5, 5e-5], help="comma-separated (default 2e-5,5e-5)")
+    p.add_argument("--seeds", type=_int_list, default=[1, 2, 3], help="comma-separated (default 1,2,3)")
+    p.add_argument("--epochs", type=_int_at_least(1), default=3)
+    p.add_argument("--out", default=None, help="output dir (default: finetune/<task> inside --model)")
+    p.add_argument("--vocab", default=None,
+                   help=f"vocab.txt (default: {VOCAB_FILENAME} in --model if present, else {DEFAULT_VOCAB}, "
+                        "relative to the working directory or else to the repository root)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32)
+    p.add_argument("--max-seq-len", type=_int_at_least(8), default=128)
+    p.add_argument("--warmup-ratio", type=_fraction, default=0.1)
+    p.add_argument("--weight-decay", type=_non_negative, default=0.01)
+    p.add_argument("--max-grad-norm", type=_non_negative, default=1.0, help="0 disables clipping")
+    p.add_argument("--aux-loss-weight", type=_non_negative, default=None,
+                   help="MoE load-balancing loss weight while fine-tuning (default: the model's)")
+    p.add_argument("--moe-backend", choices=("torch", "grouped"), default="torch")
+    p.add_argument("--max-train-examples", type=_int_at_least(0), default=0, help="0 = all")
+    p.add_argument("--max-eval-examples", type=_int_at_least(0), default=0, help="0 = all")
+    p.add_argument("--eval-split", default="dev",
+                   help="split to evaluate on (default dev; MNLI dev = dev_matched + dev_mismatched)")
+    p.add_argument("--threads", type=_int_at_least(0), default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    # the deepspeed launcher appends --local_rank=N; fine-tuning is single-process, so it is ignored
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# -------------------------------------------------------------------------------------- model
+
+
+def build_model(model_dir: str | Path, num_labels: int, aux_loss_weight: float | None = None,
+                moe_backend: str = "torch", sd: dict[str, torch.Tensor] | None = None,
+                cfg: ModelConfig | None = None) -> BertForSequenceClassification:
+    """A classifier on the pre-trained encoder in `model_dir`; the heads are initialised from the
+    global torch RNG (seed it first). Only the pooler (when the checkpoint has none) and the
+    classifier may be absent from the checkpoint; anything else is a `CheckpointError`."""
+    if sd is None or cfg is None:
+        cfg, sd = read_pretrained(model_dir)
+    if cfg.moe.num_experts:
+        moe = dataclasses.replace(cfg.moe, backend=moe_backend, ep_size=1)
+        if aux_loss_weight is not None:
+            moe = dataclasses.replace(moe, aux_loss_weight=aux_loss_weight)
+        cfg = dataclasses.replace(cfg, moe=moe)
+    cfg.validate()
+    try:
+        model = BertForSequenceClassification(cfg, num_labels)
+    except (ValueError, RuntimeError) as err:  # e.g. the grouped backend's size/torch requirements
+        raise FinetuneError(f"{model_dir}: {str(err).splitlines()[0]}") from None
+    # Load into the encoder (`model.bert`, pooler included): the loader then drops the checkpoint's
+    # heads (cls.*, a classifier) and checks every encoder weight strictly. A checkpoint without a
+    # pooler gets the freshly initialised one, under the checkpoint's own naming.
+    sd = dict(sd)
+    if not any(k.endswith("pooler.dense.weight") for k in sd):
+        prefix = "bert." if any(k.startswith("bert.") for k in sd) else ""
+        for name, value in model.bert.pooler.state_dict().items():
+            sd[f"{prefix}pooler.{name}"] = value.clone()
+    try:
+        load_hf_state_dict(model.bert, sd, strict=True)
+    except CheckpointError as err:
+        raise CheckpointError(f"{model_dir}: {err}") from None
+    return model
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+def _subset(examples: list[Example], limit: int) -> list[Example]:
+    if not limit or limit >= len(examples):
+        return examples
+    keep = np.sort(np.random.default_rng(SUBSET_SEED).permutation(len(examples))[:limit])
+    return [examples[i] for i in keep]
+
+
+def encode_examples(tokenizer: Any, examples: Sequence[Example], max_seq_len: int,
+                    regression: bool) -> list[dict[str, Any]]:
+    """Token ids (`[CLS] a [SEP] (b [SEP])`), token type ids and the label of every example,
+    truncated to `max_seq_len` (pairs: longest first); padding happens per batch in `collate`."""
+    if not examples:
+        return []
+    a = [ex.text_a for ex in examples]
+    b = [ex.text_b for ex in examples] if examples[0].text_b is not None else None
+    enc = tokenizer(a, b, truncation=True, max_length=max_seq_len, return_attention_mask=False,
+                    return_token_type_ids=True)
+    out = []
+    for i, ex in enumerate(examples):
+        if ex.label is None:
+            raise GlueDataError(f"example {ex.guid} (line {ex.line}) has no label: that split cannot be "
+                                f"used for training or evaluation")
+        out.append({"input_ids": enc["input_ids"][i], "token_type_ids": enc["token_type_ids"][i],
+                    "label": float(ex.label) if regression else int(ex.label)})
+    return out
+
+
+def collate(items: Sequence[dict[str, Any]], pad_id: int, regression: bool) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence of the batch."""
+    n, width = len(items), max(len(it["input_ids"]) for it in items)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    types = torch.zeros((n, width), dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, it in enumerate(items):
+        k = len(it["input_ids"])
+        ids[i, :k] = torch.tensor(it["input_ids"])
+        types[i, :k] = torch.tensor(it["token_type_ids"])
+        mask[i, :k] = 1
+    labels = torch.tensor([it["label"] for it in items], dtype=torch.float32 if regression else torch.long)
+    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": labels}
+
+
+def _eval_splits(spec: TaskSpec, split: str) -> list[str]:
+    if spec.name == "MNLI" and split.lower() in ("dev", "validation"):
+        return ["dev_matched", "dev_mismatched"]
+    return [split]
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def _batches(data: list[dict[str, Any]], batch_size: int, order: Sequence[int] | None = None):
+    idx = list(range(len(data))) if order is None else list(order)
+    for start in range(0, len(idx), batch_size):
+        yield [data[i] for i in idx[start:start + batch_size]]
+
+
+def evaluate(model: nn.Module, spec: TaskSpec, eval_sets: dict[str, list[dict[str, Any]]],
+             batch_size: int, pad_id: int, device: torch.device) -> dict[str, float]:
+    """The task's metrics on each eval set (MNLI m/mm: `accuracy_m`, `accuracy_mm`, `accuracy`)."""
+    model.eval()
+    per_split: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for name, data in eval_sets.items():
+            logits, labels = [], []
+            for items in _batches(data, batch_size):
+                batch = collate(items, pad_id, spec.is_regression)
+                _, out, _ = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                  batch["token_type_ids"].to(device))
+                logits.append(out.float().cpu())
+                labels.append(batch["labels"])
+            per_split[name] = glue.compute_metrics(spec, torch.cat(logits).numpy(), torch.cat(labels).numpy())
+    if list(per_split) == ["dev_matched", "dev_mismatched"]:
+        m, mm = per_split["dev_matched"]["accuracy"], per_split["dev_mismatched"]["accuracy"]
+        return {"accuracy_m": m, "accuracy_mm": mm, "accuracy": (m + mm) / 2}
+    return next(iter(per_split.values()))
+
+
+def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _linear_schedule(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)  # never exactly 0, so the first step moves the weights
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _fmt_metrics(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def train_one(model: nn.Module, spec: TaskSpec, train: list[dict[str, Any]],
+              eval_sets: dict[str, list[dict[str, Any]]], *, lr: float, seed: int, epochs: int,
+              batch_size: int, warmup_ratio: float, weight_decay: float, max_grad_norm: float,
+              pad_id: int, device: torch.device, tag: str = "") -> dict[str, Any]:
+    """Fine-tune `model` (already seeded and built) and evaluate after every epoch. Returns the
+    final (last-epoch) metrics, the best epoch and the per-epoch history."""
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    total = steps_per_epoch * epochs
+    warmup = math.ceil(warmup_ratio * total)
+    opt = _optimizer(model, lr, weight_decay)
+    sched = _linear_schedule(opt, warmup, total)
+    history: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        loss_sum = aux_sum = 0.0
+        order = torch.randperm(len(train), generator=gen).tolist()
+        for items in _batches(train, batch_size, order):
+            batch = {k: v.to(device) for k, v in collate(items, pad_id, spec.is_regression).items()}
+            loss, _, aux = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                                 batch["labels"])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{tag}: non-finite loss at epoch {epoch} (lr {lr:g} too high?)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            opt.step()
+            sched.step()
+            loss_sum += loss.item()
+            aux_sum += float(aux.detach())
+        metrics = evaluate(model, spec, eval_sets, batch_size, pad_id, device)
+        elapsed = time.perf_counter() - start
+        record = {"epoch": epoch, "train_loss": loss_sum / steps_per_epoch, "aux_loss": aux_sum / steps_per_epoch,
+                  "metrics": metrics, "glue_score": glue.glue_score(spec, metrics), "seconds": round(elapsed, 3)}
+        history.append(record)
+        print(f"[{tag}] epoch {epoch}/{epochs} loss {record['train_loss']:.4f} "
+              f"(aux {record['aux_loss']:.4f}) {_fmt_metrics(metrics)} {elapsed:.1f}s",
+              file=sys.stderr, flush=True)
+    best = max(history, key=lambda r: r["glue_score"])  # the first of equal scores
+    return {"metrics": history[-1]["metrics"], "glue_score": history[-1]["glue_score"],
+            "best_epoch": {"epoch": best["epoch"], "metrics": best["metrics"], "glue_score": best["glue_score"]},
+            "history": history, "seconds": round(time.perf_counter() - start, 3)}
+
+
+# ------------------------------------------------------------------------------------- sweep
+
+
+def _read_runs(path: Path) -> list[dict[str, Any]]:
+    """The records in runs.jsonl; a torn last line (a crash mid-write) is ignored."""
+    if not path.is_file():
+        return []
+    runs = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            runs.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"warning: {path}:{lineno}: not a JSON record, ignored", file=sys.stderr)
+    return runs
+
+
+def _append_run(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():  # after a torn line, start on a fresh one
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(record) + "\n").encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _same_run(rec: dict[str, Any], task: str, model: str, lr: float, seed: int, epochs: int,
+              settings: dict[str, Any]) -> bool:
+    try:
+        return (rec["task"] == task and rec["model"] == model and rec["seed"] == seed
+                and rec["epochs"] == epochs and math.isclose(float(rec["lr"]), lr, rel_tol=1e-9)
+                and rec.get("settings") == settings)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _lr_key(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def summarize(spec: TaskSpec, runs: dict[tuple[float, int], dict[str, Any]], lrs: Sequence[float],
+              seeds: Sequence[int]) -> dict[str, Any]:
+    """Per-lr per-seed values and medians; the best lr by median GLUE score; its statistics."""
+    def stats(values: list[float]) -> dict[str, Any]:
+        arr = np.asarray(values, dtype=np.float64)
+        std = float(arr.std(ddof=STD_DDOF)) if arr.size > STD_DDOF else 0.0
+        return {"per_seed": values, "median": float(np.median(arr)), "mean": float(arr.mean()), "std": std}
+
+    metric_names = list(runs[(lrs[0], seeds[0])]["metrics"])
+    per_lr: dict[str, Any] = {}
+    for lr in lrs:
+        values = {m: [runs[(lr, s)]["metrics"][m] for s in seeds] for m in metric_names}
+        values["glue_score"] = [runs[(lr, s)]["glue_score"] for s in seeds]
+        per_lr[_lr_key(lr)] = {"per_seed": values,
+                               "median": {m: float(np.median(v)) for m, v in values.items()}}
+    best_lr = max(lrs, key=lambda lr: per_lr[_lr_key(lr)]["median"]["glue_score"])  # first of ties
+    best = per_lr[_lr_key(best_lr)]["per_seed"]
+    return {"best_lr": best_lr,
+            "metrics": {m: stats(best[m]) for m in metric_names},
+            "glue_score": stats(best["glue_score"]),
+            "per_lr": per_lr}
+
+
+def _resolve_vocab(args: argparse.Namespace) -> str:
+    if args.vocab:
+        return args.vocab
+    inside = Path(args.model) / VOCAB_FILENAME
+    if inside.is_file():
+        return str(inside)
+    beside_repo = Path(__file__).resolve().parents[1] / DEFAULT_VOCAB  # when run from elsewhere
+    return DEFAULT_VOCAB if Path(DEFAULT_VOCAB).is_file() or not beside_repo.is_file() else str(beside_repo)
+
+
+def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """Run (or resume) the lr x seed grid, write runs.jsonl and results.json, return the results."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise FinetuneError(f"fine-tuning is single-process, but WORLD_SIZE={world}: run "
+                            f"`python -m tcd_ds.finetune ...` (one command per task or lr) instead")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    spec = glue.get_task(args.task)
+    if spec.name not in glue.GLUE_TASKS:
+        raise FinetuneError(f"{spec.name} has no training data (it is a test-only diagnostic set)")
+    model_path = str(Path(args.model).resolve())
+    cfg, sd = read_pretrained(args.model)
+    if args.max_seq_len > cfg.max_position:
+        raise FinetuneError(f"--max-seq-len {args.max_seq_len} exceeds the model's max_position {cfg.max_position}")
+
+    train_ex = _subset(glue.read_split(args.glue_dir, spec, "train"), args.max_train_examples)
+    eval_ex = {s: _subset(glue.read_split(args.glue_dir, spec, s), args.max_eval_examples)
+               for s in _eval_splits(spec, args.eval_split)}
+    if not train_ex or not all(eval_ex.values()):
+        raise GlueDataError(f"{spec.name}: empty train or {args.eval_split} split in {args.glue_dir}")
+    vocab = _resolve_vocab(args)
+    try:
+        tokenizer = load_tokenizer(vocab)
+        ids = special_ids(tokenizer)
+    except ValueError as err:  # a malformed vocab.txt: one line naming the file
+        raise FinetuneError(str(err)) from None
+    if ids.vocab_size > cfg.vocab_size:
+        raise FinetuneError(f"tokenizer {vocab} has {ids.vocab_size} tokens but the model's vocab_size is "
+                            f"{cfg.vocab_size}: wrong --vocab for {args.model}?")
+
+    train = encode_examples(tokenizer, train_ex, args.max_seq_len, spec.is_regression)
+    eval_sets = {s: encode_examples(tokenizer, ex, args.max_seq_len, spec.is_regression) for s, ex in eval_ex.items()}
+
+    settings = {"batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
+                "warmup_ratio": args.warmup_ratio, "weight_decay": args.weight_decay,
+                "max_grad_norm": args.max_grad_norm, "max_train_examples": args.max_train_examples,
+                "max_eval_examples": args.max_eval_examples, "eval_split": args.eval_split.lower(),
+                "vocab": str(Path(vocab).resolve()),
+                "aux_loss_weight": args.aux_loss_weight if cfg.moe.num_experts else None,
+                "moe_backend": args.moe_backend if cfg.moe.num_experts else None}
+    out = Path(args.out) if args.out else Path(args.model) / "finetune" / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    runs_file = out / "runs.jsonl"
+    previous = _read_runs(runs_file)
+    kind = f"MoE ({cfg.moe.num_experts} experts, top-{cfg.moe.top_k})" if cfg.moe.num_experts else "dense"
+    print(f"{spec.name}: {len(train)} train / {', '.join(f'{len(v)} {k}' for k, v in eval_sets.items())} "
+          f"examples; {kind} model {args.model}; lrs {','.join(map(_lr_key, args.lrs))} seeds "
+          f"{','.join(map(str, args.seeds))} epochs {args.epochs}; out {out}", file=sys.stderr, flush=True)
+
+    done: dict[tuple[float, int], dict[str, Any]] = {}
+    for lr in args.lrs:
+        for seed in args.seeds:
+            tag = f"{spec.name} lr={_lr_key(lr)} seed={seed}"
+            found = [r for r in previous if _same_run(r, spec.name, model_path, lr, seed, args.epochs, settings)]
+            if found:
+                done[(lr, seed)] = found[-1]
+                print(f"[{tag}] already in {runs_file}, skipped", file=sys.stderr, flush=True)
+                continue
+            torch.manual_seed(seed)
+            model = build_model(args.model, spec.num_labels, args.aux_loss_weight, args.moe_backend,
+                                sd=sd, cfg=cfg).to(device)
+            result = train_one(model, spec, train, eval_sets, lr=lr, seed=seed, epochs=args.epochs,
+                               batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,
+                               weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                               pad_id=ids.pad, device=device, tag=tag)
+            record = {"task": spec.name, "model": model_path, "lr": lr, "seed": seed, "epochs": args.epochs,
+                      "settings": settings, "num_train": len(train), **result}
+            _append_run(runs_file, record)
+            done[(lr, seed)] = record
+            del model
+
+    summary = summarize(spec, done, args.lrs, args.seeds)
+    results = {"task": spec.name, "model": model_path, "lrs": list(args.lrs), "seeds": list(args.seeds),
+               "epochs": args.epochs, "best_lr": summary["best_lr"], "eval_split": args.eval_split.lower(),
+               "reported": "eval metrics at the end of the last epoch; best lr = highest median glue_score",
+               "std_ddof": STD_DDOF, "settings": settings, "metrics": summary["metrics"],
+               "glue_score": summary["glue_score"], "per_lr": summary["per_lr"]}
+    _write_json_atomic(out / "results.json", results)
+    print(format_table(results))
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The per-lr medians and the best lr's mean +- std, as a plain-text table."""
+    names = list(results["metrics"]) + ["glue_score"]
+    lines = [f"{results['task']}  ({results['model']}, {results['epochs']} epochs, seeds "
+             f"{','.join(map(str, results['seeds']))}; values in %)",
+             f"{'lr':>10}  " + "  ".join(f"{n:>12}" for n in names)]
+    for lr, entry in results["per_lr"].items():
+        mark = " *" if float(lr) == results["best_lr"] else ""
+        lines.append(f"{lr:>10}  " + "  ".join(f"{100 * entry['median'][n]:>12.2f}" for n in names)
+                     + f"   (median){mark}")
+    best = {**results["metrics"], "glue_score": results["glue_score"]}
+    lines.append(f"{'best':>10}  " + "  ".join(f"{100 * best[n]['mean']:>6.2f}+-{100 * best[n]['std']:<5.2f}"
+                                             for n in names) + f"   (mean+-sample std, lr {results['best_lr']:g})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Entry point: parse, run the sweep, return the results. Expected failures (missing or
+    malformed data, a bad checkpoint, bad arguments) print one `error:` line and exit with 2."""
+    args = parse_args(argv)
+    try:
+        return run_sweep(args)
+    except (GlueDataError, CheckpointError, ConfigError, FinetuneError, FloatingPointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

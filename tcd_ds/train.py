@@ -1,0 +1,440 @@
+"""Pre-train vanilla, MoE and TCD models under DeepSpeed (ZeRO, expert parallelism).
+
+    deepspeed --num_accelerators 2 tcd_ds/train.py --config tiny --mode tcd \\
+        --deepspeed_config ds_configs/cpu_zero2.json teacher.path=runs/teacher run_dir=runs/tcd
+
+also `python -m tcd_ds.train ...` for one process. `main()` builds everything with small
+`build_*` functions and runs one loop for the three modes:
+- vanilla: the dense teacher (MLM only);
+- moe: the MoE-BERT baseline (MLM + load balancing);
+- tcd: the MoE-BERT student + a frozen teacher replica on every rank + relation losses.
+"""
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a file by the deepspeed launcher: make the package importable
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tcd_ds import checkpoint
+from tcd_ds.config import Config, ConfigError, ModelConfig, build_config, to_dict
+from tcd_ds.data.mlm import mask_tokens, mlm_generator
+from tcd_ds.data.shards import PackedDataset, SampleOrder, build_token_cache, read_index, split_train_val
+from tcd_ds.data.tokenizer import load_tokenizer, special_ids
+from tcd_ds.dist import Layout, detect_layout, init_distributed
+from tcd_ds.distill.objective import RelationObjective, check_compatible
+from tcd_ds.distill.taps import Taps, tap_points
+from tcd_ds.distill.teacher import FrozenTeacher, load_teacher
+from tcd_ds.model.bert import BertForMaskedLM, flops_per_token, num_parameters
+from tcd_ds.model.hf import CheckpointError, config_to_hf
+from tcd_ds.monitor import Monitor, measure_matmul_peak
+
+USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, OSError)
+
+
+# --- arguments and DeepSpeed config -------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tcd_ds.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="recipe name (tiny, small, base, large, xl) or YAML/JSON path")
+    p.add_argument("--mode", choices=("vanilla", "moe", "tcd"), help="overrides the recipe's mode")
+    p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (ds_configs/)")
+    p.add_argument("--resume", default="auto", help="auto (latest complete checkpoint, if any), none, or a tag")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the launcher
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20")
+    return p.parse_intermixed_args(argv)  # options and key=value overrides in any order
+
+
+def load_ds_config(path: str, cfg: Config, device: torch.device) -> dict:
+    """Read the DeepSpeed JSON, refuse what cannot work, and fill the "auto" values from cfg.train."""
+    try:
+        ds = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"DeepSpeed config {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    uses_ds_moe = cfg.mode != "vanilla" and cfg.model.moe.backend == "deepspeed"
+    if stage == 3 and uses_ds_moe:
+        raise ConfigError(f"{path}: ZeRO stage 3 is not supported with DeepSpeed-MoE; use stage 1 or 2")
+    if stage == 3 and cfg.mode != "vanilla":
+        raise ConfigError(f"{path}: ZeRO stage 3 is not supported for MoE models here; use stage 1 or 2")
+    if ds.get("fp16", {}).get("enabled") and device.type == "cpu":
+        raise ConfigError(f"{path}: fp16 is not supported on CPU; use a bf16 or fp32 config (ds_configs/cpu_*.json)")
+    wanted = {"train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+              "gradient_accumulation_steps": cfg.train.grad_accum, "gradient_clipping": cfg.train.grad_clip}
+    for key, value in wanted.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise ConfigError(f"{path} sets {key}={ds[key]} but the run config says {value}: set it to \"auto\" "
+                              "in the JSON (the train.* keys are the single source)")
+    ds.pop("train_batch_size", None)
+    ds.setdefault("steps_per_print", 10 ** 9)
+    return ds
+
+
+def check_parallel(cfg: Config, layout: Layout) -> None:
+    ep = cfg.model.moe.ep_size if cfg.mode != "vanilla" else 1
+    if layout.world_size % ep:
+        raise ConfigError(f"model.moe.ep_size={ep} does not divide the world size {layout.world_size}")
+
+
+# --- builders -----------------------------------------------------------------------------
+
+@dataclass
+class Data:
+    train: PackedDataset
+    val: PackedDataset
+    evals: dict[str, PackedDataset]  # held-out sets from elsewhere (WikiText-2, novels, ...)
+    order: SampleOrder
+    special: object
+    vocab_size: int
+
+
+def build_data(cfg: Config, layout: Layout) -> Data:
+    tok = load_tokenizer(cfg.data.vocab)
+    sp = special_ids(tok)
+    show = layout.is_main
+    limit = cfg.data.max_documents or None
+    index = build_token_cache(cfg.data.corpus, tok, cfg.data.cache_dir, cfg.data.max_seq_len,
+                              max_documents=limit, progress=show)
+    train, val = split_train_val(index, cfg.data.val_fraction)
+    evals = {}
+    for name, source in cfg.data.eval_sets().items():
+        if not Path(source).exists():
+            if show:
+                print(f"eval set {name}: {source} not found, skipped", file=sys.stderr)
+            continue
+        path = build_token_cache(source, tok, cfg.data.cache_dir, cfg.data.max_seq_len,
+                                 max_sequences=cfg.data.eval_max_sequences, progress=show)
+        evals[name] = PackedDataset(read_index(path))
+    order = SampleOrder(len(train), cfg.seed, layout.world_size, cfg.train.micro_batch_size, cfg.train.grad_accum)
+    return Data(train, val, evals, order, sp, sp.vocab_size)
+
+
+def build_model(cfg: Config, vocab_size: int) -> tuple[BertForMaskedLM, ModelConfig]:
+    model_cfg = cfg.student_model()
+    if model_cfg.vocab_size != vocab_size:
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} but the tokenizer ({cfg.data.vocab}) has "
+                          f"{vocab_size} tokens")
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    return BertForMaskedLM(model_cfg), model_cfg
+
+
+def build_teacher(cfg: Config, model_cfg: ModelConfig, device: torch.device
+                  ) -> tuple[FrozenTeacher | None, RelationObjective | None]:
+    if cfg.mode != "tcd":
+        return None, None
+    teacher = load_teacher(cfg.teacher.path, cfg.distill, cfg.teacher.dtype, device)
+    check_compatible(model_cfg, teacher.config, cfg.distill)
+    objective = RelationObjective(cfg.distill, model_cfg.num_layers, teacher.config.num_layers)
+    teacher.num_layers = objective.teacher_layers_needed  # stop the teacher at its deepest tapped layer
+    return teacher, objective
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay / no-decay groups, each split into expert and non-expert parts for DeepSpeed-MoE."""
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    if any(is_moe_param(p) for p in model.parameters()):
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return [g for g in groups if g["params"]]
+
+
+def lr_lambda(cfg: Config):
+    t = cfg.train
+
+    def fn(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        decay = 1.0 - progress if t.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * decay
+
+    return fn
+
+
+def untag_replicated_experts(model: torch.nn.Module) -> None:
+    """torch/grouped experts live on every rank (ep_size 1): their expert-data-parallel group is the
+    data-parallel group. DeepSpeed's engine only honours expert tags around its own MoE layers, so
+    these are handed to it as ordinary data-parallel parameters (same reduction, same result)."""
+    from deepspeed.moe.layer import MoE
+
+    if any(isinstance(m, MoE) for m in model.modules()):
+        return
+    for p in model.parameters():
+        if getattr(p, "allreduce", True) is False:
+            p.allreduce = True
+            del p.group_name
+
+
+def build_engine(cfg: Config, model: BertForMaskedLM, ds_config: dict):
+    import deepspeed
+
+    untag_replicated_experts(model)
+    t = cfg.train
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=ds_config)
+    return engine, optimizer, scheduler
+
+
+# --- one step, evaluation ---------------------------------------------------------------------
+
+def make_batch(data: Data, dataset: PackedDataset, indices, seed: int, step: int, rank: int, micro: int,
+               mlm_probability: float, device: torch.device) -> dict[str, torch.Tensor]:
+    batch = dataset.get_batch(indices)
+    ids, labels = mask_tokens(batch["input_ids"], batch["attention_mask"], data.special, data.vocab_size,
+                              mlm_generator(seed, step, rank, micro), mlm_probability)
+    batch["input_ids"], batch["labels"] = ids, labels
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def all_mean(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Mean over ranks (for logging only)."""
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+@torch.no_grad()
+def evaluate(engine, data: Data, dataset: PackedDataset, cfg: Config, layout: Layout, device: torch.device
+             ) -> dict[str, float]:
+    """MLM loss / accuracy on a held-out set with fixed masks; every rank runs the same number of
+    batches (expert parallelism needs every rank in every forward), on disjoint slices."""
+    was_training = engine.module.training
+    engine.module.eval()
+    mb, world = cfg.train.micro_batch_size, layout.world_size
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
+    for b in range(cfg.train.eval_batches):
+        start = (b * world + layout.rank) * mb
+        indices = [(start + i) % len(dataset) for i in range(mb)]
+        batch = make_batch(data, dataset, indices, cfg.seed + 1, b, layout.rank, 0, cfg.data.mlm_probability, device)
+        out = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], labels=batch["labels"])
+        n = out.num_masked.double()
+        sums += torch.stack([out.mlm_loss.double() * n, out.correct.double(), n])
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    engine.module.train(was_training)
+    loss = (sums[0] / sums[2]).item()
+    return {"mlm_loss": loss, "accuracy": (sums[1] / sums[2]).item(), "perplexity": math.exp(min(loss, 50.0))}
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves, and exits."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+def train(cfg: Config, layout: Layout, device: torch.device, ds_config: dict, resume: str) -> dict:
+    run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
+    if layout.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    data = build_data(cfg, layout)
+    model, model_cfg = build_model(cfg, data.vocab_size)
+    teacher, objective = build_teacher(cfg, model_cfg, device)
+    engine, optimizer, scheduler = build_engine(cfg, model, ds_config)
+    taps = Taps(tap_points(engine.module, cfg.distill.positions, cfg.distill.include_embeddings)) if teacher else None
+
+    step, tokens = 0, 0
+    if resume != "none":
+        tag, skipped = (resume, []) if resume != "auto" else checkpoint.find_latest(ckpt_dir)
+        for reason in skipped:
+            print(f"resume: skipped {reason}", file=sys.stderr) if layout.is_main else None
+        if tag is not None:
+            client = checkpoint.resume(engine, ckpt_dir, tag, layout.rank)
+            step, tokens = client["step"], client["tokens"]
+            if layout.is_main:
+                print(f"resume: from {ckpt_dir / tag} (step {step})", file=sys.stderr)
+
+    monitor = Monitor(run_dir, layout.is_main, cfg.train.max_steps, step)
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
+        torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
+    peak = measure_matmul_peak(device, dtype) if layout.is_main else 0.0
+    fpt = flops_per_token(model_cfg, cfg.data.max_seq_len, cfg.data.mlm_probability)
+    if layout.is_main:
+        monitor.message(f"{cfg.mode}: {num_parameters(model) / 1e6:.2f}M parameters "
+                        f"({num_parameters(model, active=True) / 1e6:.2f}M active), world {layout.world_size}, "
+                        f"{len(data.train)} training sequences of {cfg.data.max_seq_len}, dtype {dtype}, "
+                        f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+
+    stop = StopRequest()
+    model_config = config_to_hf(model_cfg)
+    last, history, window_tokens, window_start = {}, [], 0, time.perf_counter()
+    total_time = 0.0
+    interrupted = False
+    engine.train()
+    while step < cfg.train.max_steps:
+        step_start = time.perf_counter()
+        sums: dict[str, float] = {}
+        sample_sum = 0  # a checksum of the samples this rank saw in this step (resume must match it)
+        for micro in range(cfg.train.grad_accum):
+            indices = data.order.batch_indices(step, micro, layout.rank)
+            batch = make_batch(data, data.train, indices, cfg.seed, step, layout.rank, micro,
+                               cfg.data.mlm_probability, device)
+            inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            if taps:
+                with taps:
+                    out = engine(*inputs, labels=batch["labels"])
+                rel, terms = objective(taps.captured, teacher(*inputs), batch["attention_mask"])
+                loss = out.loss + rel
+            else:
+                out, terms = engine(*inputs, labels=batch["labels"]), {}
+                loss = out.loss
+            engine.backward(loss)
+            engine.step()
+            parts = {"loss": loss.detach(), "mlm": out.mlm_loss.detach(), "aux": out.aux_loss.detach(),
+                     "mlm_accuracy": out.correct / out.num_masked.clamp(min=1)}
+            for s in out.moe_stats:
+                parts["balance"] = parts.get("balance", 0.0) + s.balance_loss.detach() / len(out.moe_stats)
+                parts["dropped"] = parts.get("dropped", 0.0) + s.dropped / len(out.moe_stats)
+            for k, v in terms.items():  # 'T' -> L_T; 'T/3' -> relation/L_T/3 (per layer)
+                parts[f"relation/L_{k}" if "/" in k else f"L_{k}"] = v
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / cfg.train.grad_accum
+            window_tokens += int(batch["attention_mask"].sum())
+            sample_sum += int(indices.sum())
+        step += 1
+        total_time += time.perf_counter() - step_start
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            logged = all_mean(sums, device)
+            elapsed = time.perf_counter() - window_start
+            window = all_mean({"tokens": window_tokens}, device)["tokens"] * layout.world_size
+            tokens += int(window)
+            tps = window / elapsed
+            logged.update({"lr": scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                           "tokens_per_second": tps, "tokens": tokens})
+            if peak:
+                logged["mfu"] = fpt * tps / (peak * layout.world_size)
+            monitor.scalars(step, {("train/" + k if "/" not in k else k): v for k, v in logged.items()})
+            log_expert_load(monitor, step, out.moe_stats)
+            shown = {k: logged[k] for k in ("loss", "mlm", "aux", "L_T", "L_I", "L_A") if k in logged}
+            shown["tok/s"] = tps
+            monitor.progress(step, shown)
+            last = logged
+            history.append({"step": step, "samples_rank0": sample_sum,
+                            **{k: v for k, v in logged.items() if "/" not in k}})
+            window_tokens, window_start = 0, time.perf_counter()
+
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+            run_evals(engine, data, cfg, layout, device, monitor, step)
+        if stop.agreed(device):
+            interrupted = True
+            checkpoint.save(engine, ckpt_dir, step, {"step": step, "tokens": tokens}, model_config,
+                            cfg.train.keep_checkpoints)
+            monitor.message(f"signal {stop.signal}: saved step {step}, exiting for requeue")
+            break
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
+            checkpoint.save(engine, ckpt_dir, step, {"step": step, "tokens": tokens}, model_config,
+                            cfg.train.keep_checkpoints)
+
+    summary = {"mode": cfg.mode, "steps": step, "tokens": tokens, "interrupted": interrupted}
+    if not interrupted:
+        evals = run_evals(engine, data, cfg, layout, device, monitor, step)
+        final = checkpoint.save(engine, ckpt_dir, step, {"step": step, "tokens": tokens}, model_config,
+                                cfg.train.keep_checkpoints)
+        if layout.is_main:
+            checkpoint.export_checkpoint(final, run_dir / "export")
+            tok_file = Path(cfg.data.vocab)
+            if tok_file.is_file():
+                (run_dir / "export" / "vocab.txt").write_bytes(tok_file.read_bytes())
+        summary.update(eval=evals)
+    summary.update({
+        "final_loss": last.get("loss"), "final_mlm_loss": last.get("mlm"), "final_aux_loss": last.get("aux"),
+        "loss_T": last.get("L_T"), "loss_I": last.get("L_I"), "loss_A": last.get("L_A"),
+        "tokens_per_second": last.get("tokens_per_second"), "mfu": last.get("mfu"),
+        "step_time_s": total_time / max(1, step - monitor.start_step), "world_size": layout.world_size,
+        "parameters": num_parameters(model), "active_parameters": num_parameters(model, active=True),
+        "history": history,
+    })
+    if layout.is_main:
+        checkpoint._write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    monitor.close()
+    if taps:
+        taps.remove()
+    return summary
+
+
+def run_evals(engine, data: Data, cfg: Config, layout: Layout, device: torch.device, monitor: Monitor,
+              step: int) -> dict[str, dict[str, float]]:
+    results = {"val": evaluate(engine, data, data.val, cfg, layout, device)}
+    for name, dataset in data.evals.items():
+        results[name] = evaluate(engine, data, dataset, cfg, layout, device)
+    for name, metrics in results.items():
+        monitor.scalars(step, {f"eval/{name}/{k}": v for k, v in metrics.items()})
+    monitor.message("eval step {}: {}".format(step, ", ".join(
+        f"{n} mlm {m['mlm_loss']:.3f} acc {m['accuracy']:.3f}" for n, m in results.items())))
+    return results
+
+
+def log_expert_load(monitor: Monitor, step: int, stats) -> None:
+    for i, s in enumerate(stats):
+        fraction = s.counts.float() / s.counts.sum().clamp(min=1)
+        monitor.histogram(step, f"experts/layer{i}/load", fraction)
+        monitor.scalars(step, {f"experts/layer{i}/max_fraction": fraction.max().item(),
+                               f"experts/layer{i}/dropped_fraction": float(s.dropped)})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    overrides = ([f"mode={args.mode}"] if args.mode else []) + args.overrides
+    try:
+        cfg = build_config(args.config, overrides)
+        layout = detect_layout()
+        check_parallel(cfg, layout)
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        ds_config = load_ds_config(args.deepspeed_config, cfg, device)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    device = init_distributed(layout)
+    try:
+        return train(cfg, layout, device, ds_config, args.resume)
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

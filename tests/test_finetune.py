@@ -1,0 +1,328 @@
+"""GLUE fine-tuning sweep (tcd_ds.finetune) on tiny models made on the fly.
+
+Real vocab and real GLUE files come from ../shared/data (these tests skip with the reason when it
+is absent); STS-B and the learnability check use small synthetic TSVs in the official layout.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tcd_ds import finetune
+from tcd_ds.config import ModelConfig, MoEConfig
+from tcd_ds.model.bert import BertForMaskedLM
+from tcd_ds.model.hf import CheckpointError, read_pretrained, save_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+METRIC_KEYS = {"MRPC": {"f1", "accuracy"}, "CoLA": {"mcc"}, "STS-B": {"pearson", "spearman"},
+               "SST-2": {"accuracy"}, "MNLI": {"accuracy_m", "accuracy_mm", "accuracy"}}
+WORDS = ("the a movie film story actor plot scene music long short old new city night day man woman "
+         "house car").split()
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    dense = ModelConfig(**TINY)
+    moe = ModelConfig(**TINY, moe=MoEConfig(num_experts=4))
+    return {"dense": save_pretrained(BertForMaskedLM(dense), dense, root / "dense"),
+            "moe": save_pretrained(BertForMaskedLM(moe), moe, root / "moe")}
+
+
+def _args(model: Path, task: str, glue_dir: Path, vocab: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(model), "--task", task, "--glue-dir", str(glue_dir), "--vocab", str(vocab),
+            "--out", str(out), "--epochs", "1", "--max-train-examples", "64", "--max-eval-examples", "64",
+            "--threads", "2", *extra]
+
+
+def _sentence(rng: random.Random) -> list[str]:
+    return [rng.choice(WORDS) for _ in range(rng.randint(4, 9))]
+
+
+def write_sst2(root: Path, n_train: int = 192, n_dev: int = 96, seed: int = 0) -> Path:
+    """SST-2 layout; label 1 iff the sentence contains "excellent" (half the rows)."""
+    rng = random.Random(seed)
+    d = root / "SST-2"
+    d.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        rows = []
+        for i in range(n):
+            words, label = _sentence(rng), i % 2
+            if label:
+                words.insert(rng.randrange(len(words) + 1), "excellent")
+            rows.append(f"{' '.join(words)} \t{label}")
+        (d / name).write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    return root
+
+
+def write_stsb(root: Path, n_train: int = 48, n_dev: int = 32) -> Path:
+    """STS-B in the official layout (10 columns, the score last); score = 5 * word overlap."""
+    rng = random.Random(1)
+    d = root / "STS-B"
+    d.mkdir(parents=True, exist_ok=True)
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        rows = [header]
+        for i in range(n):
+            a, b = _sentence(rng), _sentence(rng)
+            score = 5.0 * len(set(a) & set(b)) / len(set(a) | set(b))
+            rows.append(f"{i}\tmain-captions\tMSRvid\t2012test\t{i:04d}\tnone\tnone\t{' '.join(a)}\t"
+                        f"{' '.join(b)}\t{score:.3f}")
+        (d / name).write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _check_results(res: dict, task: str, lrs: list[float], seeds: list[int], out: Path) -> None:
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(res))
+    for key in ("task", "model", "lrs", "seeds", "epochs", "best_lr", "metrics", "glue_score", "per_lr"):
+        assert key in res, key
+    assert res["task"] == task and res["lrs"] == lrs and res["seeds"] == seeds and res["best_lr"] in lrs
+    assert set(res["metrics"]) == METRIC_KEYS[task]
+    for stats in [*res["metrics"].values(), res["glue_score"]]:
+        assert set(stats) == {"per_seed", "median", "mean", "std"}
+        assert len(stats["per_seed"]) == len(seeds) and all(math.isfinite(v) for v in stats["per_seed"])
+    assert set(res["per_lr"]) == {f"{lr:g}" for lr in lrs}
+    for entry in res["per_lr"].values():
+        assert set(entry["per_seed"]) == METRIC_KEYS[task] | {"glue_score"}
+        assert set(entry["median"]) == METRIC_KEYS[task] | {"glue_score"}
+    medians = {lr: res["per_lr"][f"{lr:g}"]["median"]["glue_score"] for lr in lrs}
+    assert medians[res["best_lr"]] == max(medians.values())
+    assert res["glue_score"]["per_seed"] == res["per_lr"][f"{res['best_lr']:g}"]["per_seed"]["glue_score"]
+
+
+def _runs(out: Path) -> list[str]:
+    return (out / "runs.jsonl").read_text().splitlines()
+
+
+# ------------------------------------------------------------------------------- real GLUE data
+
+
+@pytest.mark.parametrize("task", ["MRPC", "cola"])
+def test_results_structure_on_real_glue(task, models, shared_data, vocab_file, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    res = finetune.main(_args(models["dense"], task, shared_data / "glue", vocab_file, out,
+                              "--lrs", "1e-4,3e-4", "--seeds", "1"))
+    name = {"MRPC": "MRPC", "cola": "CoLA"}[task]
+    _check_results(res, name, [1e-4, 3e-4], [1], out)
+    lines = [json.loads(x) for x in _runs(out)]
+    assert len(lines) == 2
+    for rec in lines:
+        assert {"task", "model", "lr", "seed", "epochs", "metrics", "seconds", "best_epoch", "history"} <= set(rec)
+        assert rec["task"] == name and rec["epochs"] == 1 and rec["num_train"] == 64
+        assert rec["metrics"] == rec["history"][-1]["metrics"]  # reported = last epoch
+    captured = capsys.readouterr()
+    assert captured.err.count("epoch 1/1") == 2  # one progress line per epoch per run
+    assert name in captured.out and "glue_score" in captured.out  # the summary table
+
+
+def test_missing_task_dir_exits_2_with_one_line(models, vocab_file, tmp_path) -> None:
+    glue_dir = write_sst2(tmp_path / "glue", 8, 8)
+    cmd = [sys.executable, "-m", "tcd_ds.finetune",
+           *_args(models["dense"], "RTE", glue_dir, vocab_file, tmp_path / "out")]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert str(glue_dir / "RTE") in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_missing_file_malformed_row_and_bad_args(models, vocab_file, tmp_path, capsys, monkeypatch) -> None:
+    glue_dir = write_sst2(tmp_path / "glue", 8, 8)
+
+    def fails(*extra: str, task: str = "sst-2") -> str:
+        with pytest.raises(SystemExit) as exc:
+            finetune.main(_args(models["dense"], task, glue_dir, vocab_file, tmp_path / "out", *extra))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
+        return err[0]
+
+    assert "--lrs" in fails("--lrs", "2e-5,abc")
+    assert "--lrs" in fails("--lrs", "-1e-5")
+    assert "--seeds" in fails("--seeds", "1,x")
+    assert "--seeds" in fails("--seeds", "1,1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "single-process" in fails()
+    monkeypatch.delenv("WORLD_SIZE")
+    assert finetune.parse_args(_args(models["dense"], "sst-2", glue_dir, vocab_file, tmp_path, "--local_rank=0"))
+
+    (glue_dir / "SST-2" / "dev.tsv").unlink()
+    assert str(glue_dir / "SST-2" / "dev.tsv") in fails()
+    (glue_dir / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nfine \t1\n")
+    (glue_dir / "SST-2" / "train.tsv").write_text("sentence\tlabel\ngood \t1\nbad \tpositive\n")
+    msg = fails()
+    assert f"{glue_dir / 'SST-2' / 'train.tsv'}:3:" in msg and "unknown label" in msg
+    assert str(tmp_path / "nope") in fails("--model", str(tmp_path / "nope"))
+
+
+# ------------------------------------------------------------------------------ regression task
+
+
+def test_stsb_regression(models, vocab_file, tmp_path) -> None:
+    glue_dir = write_stsb(tmp_path / "glue")
+    out = tmp_path / "out"
+    res = finetune.main(_args(models["dense"], "sts-b", glue_dir, vocab_file, out, "--lrs", "1e-3", "--seeds", "1,2"))
+    _check_results(res, "STS-B", [1e-3], [1, 2], out)
+    assert res["metrics"]["pearson"]["std"] == pytest.approx(
+        torch.tensor(res["metrics"]["pearson"]["per_seed"], dtype=torch.float64).std(unbiased=True).item())
+
+
+def test_mnli_reports_matched_and_mismatched(models, vocab_file, tmp_path) -> None:
+    from tcd_ds.data.glue import _MNLI_DEV, _MNLI_TRAIN
+
+    rng = random.Random(2)
+    d = tmp_path / "glue" / "MNLI"
+    d.mkdir(parents=True)
+    labels = ("entailment", "neutral", "contradiction")
+    for name, cols, n in (("train.tsv", _MNLI_TRAIN, 24), ("dev_matched.tsv", _MNLI_DEV, 12),
+                          ("dev_mismatched.tsv", _MNLI_DEV, 10)):
+        rows = ["\t".join(cols)]
+        for i in range(n):
+            fields = {c: "x" for c in cols}
+            fields.update(index=str(i), sentence1=" ".join(_sentence(rng)), sentence2=" ".join(_sentence(rng)),
+                          gold_label=labels[i % 3])
+            rows.append("\t".join(fields[c] for c in cols))
+        (d / name).write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    res = finetune.main(_args(models["dense"], "mnli", tmp_path / "glue", vocab_file, out, "--lrs", "1e-3",
+                              "--seeds", "1"))
+    _check_results(res, "MNLI", [1e-3], [1], out)
+    m = {k: v["per_seed"][0] for k, v in res["metrics"].items()}
+    assert m["accuracy"] == pytest.approx((m["accuracy_m"] + m["accuracy_mm"]) / 2)
+    assert res["glue_score"]["per_seed"][0] == pytest.approx(m["accuracy"])
+    assert json.loads(_runs(out)[0])["num_train"] == 24
+
+
+# ------------------------------------------------------------------ resume, determinism, learning
+
+
+def test_resume_and_determinism(models, vocab_file, tmp_path, capsys) -> None:
+    glue_dir = write_sst2(tmp_path / "glue", 64, 32)
+    out = tmp_path / "out"
+    finetune.main(_args(models["dense"], "SST-2", glue_dir, vocab_file, out, "--lrs", "2e-4", "--seeds", "1"))
+    first = _runs(out)
+    assert len(first) == 1
+    capsys.readouterr()
+    res = finetune.main(_args(models["dense"], "SST-2", glue_dir, vocab_file, out, "--lrs", "2e-4", "--seeds", "1,2"))
+    lines = _runs(out)
+    assert len(lines) == 2 and lines[0] == first[0]  # only the new seed ran; the old line untouched
+    err = capsys.readouterr().err
+    assert "seed=1] already in" in err and "seed=1] epoch" not in err and "seed=2] epoch 1/1" in err
+    assert len(res["metrics"]["accuracy"]["per_seed"]) == 2
+
+    # the same seed in a fresh directory gives exactly the same losses and metrics
+    again = finetune.main(_args(models["dense"], "SST-2", glue_dir, vocab_file, tmp_path / "again",
+                                "--lrs", "2e-4", "--seeds", "2"))
+    rec_a, rec_b = json.loads(lines[1]), json.loads(_runs(tmp_path / "again")[0])
+    assert rec_a["history"][0]["train_loss"] == rec_b["history"][0]["train_loss"]
+    assert rec_a["metrics"] == rec_b["metrics"]
+    assert again["metrics"]["accuracy"]["per_seed"] == [res["metrics"]["accuracy"]["per_seed"][1]]
+
+    # other settings are a different run, not a resumed one
+    finetune.main(_args(models["dense"], "SST-2", glue_dir, vocab_file, out, "--lrs", "2e-4", "--seeds", "1",
+                        "--batch-size", "16"))
+    assert len(_runs(out)) == 3
+
+
+def test_learns_an_easy_task(models, vocab_file, tmp_path) -> None:
+    glue_dir = write_sst2(tmp_path / "glue")
+    res = finetune.main(["--model", str(models["dense"]), "--task", "sst2", "--glue-dir", str(glue_dir),
+                         "--vocab", str(vocab_file), "--out", str(tmp_path / "out"), "--lrs", "3e-3",
+                         "--seeds", "1", "--epochs", "4", "--batch-size", "16", "--threads", "2"])
+    assert res["metrics"]["accuracy"]["mean"] >= 0.85  # chance is 0.5 (balanced labels)
+
+
+# ---------------------------------------------------------------------------------------- MoE
+
+
+def test_moe_finetunes_with_its_aux_loss(models, shared_data, vocab_file, tmp_path) -> None:
+    out = tmp_path / "out"
+    res = finetune.main(_args(models["moe"], "MRPC", shared_data / "glue", vocab_file, out,
+                              "--lrs", "1e-4", "--seeds", "1"))
+    _check_results(res, "MRPC", [1e-4], [1], out)
+    rec = json.loads(_runs(out)[0])
+    assert rec["history"][0]["aux_loss"] > 0 and rec["settings"]["moe_backend"] == "torch"
+
+    out0 = tmp_path / "out0"
+    finetune.main(_args(models["moe"], "MRPC", shared_data / "glue", vocab_file, out0,
+                        "--lrs", "1e-4", "--seeds", "1", "--aux-loss-weight", "0"))
+    assert json.loads(_runs(out0)[0])["history"][0]["aux_loss"] == 0.0
+
+    # the training loss is the task loss plus the router loss; the weight override reaches the layers
+    torch.manual_seed(0)
+    model = finetune.build_model(models["moe"], 2, aux_loss_weight=0.5).eval()
+    assert model.config.moe.aux_loss_weight == 0.5
+    ids = torch.randint(1000, 2000, (3, 7))
+    labels = torch.tensor([0, 1, 1])
+    loss, logits, aux = model(ids, torch.ones_like(ids), torch.zeros_like(ids), labels)
+    assert aux > 0
+    assert loss.item() == pytest.approx((torch.nn.functional.cross_entropy(logits, labels) + aux).item())
+
+    torch.manual_seed(0)
+    grouped = finetune.build_model(models["moe"], 2, aux_loss_weight=0.5, moe_backend="grouped").eval()
+    _, logits_g, aux_g = grouped(ids, torch.ones_like(ids), torch.zeros_like(ids), labels)
+    torch.testing.assert_close(logits_g, logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(aux_g, aux)
+
+
+# ------------------------------------------------------------------------------ checkpoint loading
+
+
+def test_loading_is_strict_except_for_the_heads(models, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    cfg, sd = read_pretrained(models["dense"])
+    model = finetune.build_model(models["dense"], 3)
+    own = model.state_dict()
+    for k, v in sd.items():  # every encoder weight comes from the checkpoint
+        if k.startswith("bert."):
+            assert torch.equal(own[k], v), k
+    assert model.classifier.out_features == 3
+
+    def broken(name: str, change) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text((models["dense"] / "config.json").read_text())
+        w = load_file(str(models["dense"] / "model.safetensors"))
+        change(w)
+        save_file(w, str(d / "model.safetensors"))
+        return d
+
+    extra = broken("extra", lambda w: w.__setitem__("bert.encoder.layer.0.extra.weight", torch.zeros(2)))
+    with pytest.raises(CheckpointError, match=r"unexpected \['encoder.layer.0.extra.weight'\]"):
+        finetune.build_model(extra, 2)
+    missing = broken("missing", lambda w: w.pop("bert.encoder.layer.1.output.dense.weight"))
+    with pytest.raises(CheckpointError, match=r"missing \['encoder.layer.1.output.dense.weight'\]") as exc:
+        finetune.build_model(missing, 2)
+    assert str(missing) in str(exc.value)
+
+
+def test_loads_transformers_bert_dirs(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    mlm = transformers.BertForMaskedLM(hf_cfg)  # no pooler: ours is new
+    mlm.save_pretrained(tmp_path / "mlm")
+    model = finetune.build_model(tmp_path / "mlm", 2)
+    torch.testing.assert_close(model.bert.encoder.layer[1].output.dense.weight,
+                               mlm.bert.encoder.layer[1].output.dense.weight)
+    base = transformers.BertModel(hf_cfg)  # with a pooler: it is loaded, as Hugging Face does
+    base.save_pretrained(tmp_path / "base")
+    model = finetune.build_model(tmp_path / "base", 1)
+    torch.testing.assert_close(model.bert.pooler.dense.weight, base.pooler.dense.weight)
+    torch.testing.assert_close(model.bert.embeddings.word_embeddings.weight, base.embeddings.word_embeddings.weight)
