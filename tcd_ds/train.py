@@ -39,7 +39,7 @@ from tcd_ds.data.tokenizer import load_tokenizer, special_ids
 from tcd_ds.dist import Layout, detect_layout, init_distributed
 from tcd_ds.distill.objective import RelationObjective, check_compatible
 from tcd_ds.distill.taps import Taps, tap_points
-from tcd_ds.distill.teacher import FrozenTeacher, load_teacher
+from tcd_ds.distill.teacher import FrozenTeacher, load_teacher, read_teacher_config
 from tcd_ds.model.bert import BertForMaskedLM, flops_per_token, num_parameters
 from tcd_ds.model.hf import CheckpointError, config_to_hf
 from tcd_ds.monitor import Monitor, measure_matmul_peak
@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None) -> dict:
         check_parallel(cfg, layout)
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         ds_config = load_ds_config(args.deepspeed_config, cfg, device)
+        if cfg.mode == "tcd":
+            check_compatible(cfg.student_model(), read_teacher_config(cfg.teacher.path), cfg.distill)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

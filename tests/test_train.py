@@ -170,3 +170,15 @@ def test_ds_config_validation(tmp_path):
                str(path), "model.moe.backend=deepspeed", f"run_dir={tmp_path}"]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_teacher_mismatch_fails_before_compute(tmp_path):
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position=128)
+    save_pretrained(BertForMaskedLM(cfg), cfg, tmp_path / "narrow")
+    for path, message in [(tmp_path / "narrow", "teacher hidden_size 32 != student hidden_size 64"),
+                          (tmp_path / "missing", "does not exist")]:
+        cmd = [sys.executable, "-m", "tcd_ds.train", "--config", "tiny", "--mode", "tcd", "--deepspeed_config",
+               "ds_configs/cpu_zero2.json", f"teacher.path={path}", f"run_dir={tmp_path / 'run'}"]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert not (tmp_path / "run").exists()  # refused before the run dir or any data was touched

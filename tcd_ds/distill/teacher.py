@@ -38,6 +38,21 @@ def teacher_dir(path: str | Path) -> Path:
     return path
 
 
+def read_teacher_config(path: str | Path) -> ModelConfig:
+    """The teacher's model config alone (cheap: no weights), for checks before any compute."""
+    import json
+
+    from tcd_ds.model.hf import config_from_hf
+
+    cfg_file = teacher_dir(path) / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"teacher path {path} is not a model directory: {cfg_file} is missing")
+    try:
+        return config_from_hf(json.loads(cfg_file.read_text()))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {err}") from None
+
+
 class FrozenTeacher(nn.Module):
     """An encoder-only BERT with taps; `forward` returns the captured positions, no grads."""
 
