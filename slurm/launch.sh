@@ -92,7 +92,10 @@ tcd_srun_requeueable() {
     trap - USR1
     if [ "$TCD_GOT_USR1" = 1 ]; then
         echo "tcd: requeueing job ${SLURM_JOB_ID} (restart count now ${SLURM_RESTART_COUNT:-0})" >&2
-        scontrol requeue "$SLURM_JOB_ID"
+        if ! scontrol requeue "$SLURM_JOB_ID"; then
+            echo "tcd: scontrol requeue failed (job not requeueable? submit with --requeue)" >&2
+            return 1
+        fi
         # the requeue kills this shell (SIGTERM, SIGKILL after KillWait); do not start anything else
         sleep 300
         return 0

@@ -195,9 +195,12 @@ class TrainConfig:
     eval_batches: int = 8  # per eval set
     save_every: int = 500  # 0: only at the end
     keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 3  # skipped (non-finite loss or gradient) steps in a row before the run stops
+    collective_timeout_s: float = 600.0  # a rank waiting longer on a dead peer fails instead of hanging
 
     def validate(self) -> None:
-        for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches", "keep_checkpoints"):
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches", "keep_checkpoints",
+                     "max_nonfinite_steps", "collective_timeout_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.schedule not in ("linear", "cosine"):

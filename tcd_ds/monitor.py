@@ -4,6 +4,7 @@ Only rank 0 writes; every rank may call (the calls are no-ops elsewhere).
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -74,3 +75,30 @@ class Monitor:
         if self.writer:
             self.writer.flush()
             self.writer.close()
+
+
+class MetricsLog:
+    """`metrics.jsonl` in the run dir: one line per logged train step or eval, appended and flushed.
+
+    It outlives crashes and resumes; `read()` keeps the last line per (kind, step), so the steps a
+    crashed run logged after its last checkpoint are superseded by the resumed run's."""
+
+    def __init__(self, path: str | Path, enabled: bool):
+        self.path, self.enabled = Path(path), enabled
+
+    def append(self, kind: str, step: int, values: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+
+    def read(self, kind: str) -> list[dict]:
+        rows: dict[int, dict] = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut off by a crash
+                    continue
+                if row.get("kind") == kind:
+                    rows[row["step"]] = {k: v for k, v in row.items() if k != "kind"}
+        return [rows[s] for s in sorted(rows)]

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from tcd_ds import checkpoint
 from tcd_ds.config import Config, ConfigError, ModelConfig, build_config, to_dict
+from tcd_ds.data.fallback import is_fallback_vocab, resolve_sources, vocab_falls_back, warn_stderr
 from tcd_ds.data.mlm import mask_tokens, mlm_generator
 from tcd_ds.data.shards import PackedDataset, SampleOrder, build_token_cache, read_index, split_train_val
 from tcd_ds.data.tokenizer import load_tokenizer, special_ids
@@ -42,9 +43,12 @@ from tcd_ds.distill.taps import Taps, tap_points
 from tcd_ds.distill.teacher import FrozenTeacher, load_teacher, read_teacher_config
 from tcd_ds.model.bert import BertForMaskedLM, flops_per_token, num_parameters
 from tcd_ds.model.hf import CheckpointError, config_to_hf
-from tcd_ds.monitor import Monitor, measure_matmul_peak
+from tcd_ds.monitor import MetricsLog, Monitor, measure_matmul_peak
+from tcd_ds.optim import GuardedAdamW, lr_lambda, param_groups
 
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, OSError)
+REQUEUE_EXIT = 85  # exit status after a SIGTERM/SIGUSR1 save: "requeue me" (slurm.conf RequeueExit=85)
+NONFINITE_EXIT = 3
 
 
 # --- arguments and DeepSpeed config -------------------------------------------------------
@@ -86,6 +90,7 @@ def load_ds_config(path: str, cfg: Config, device: torch.device) -> dict:
                               "in the JSON (the train.* keys are the single source)")
     ds.pop("train_batch_size", None)
     ds.setdefault("steps_per_print", 10 ** 9)
+    ds["zero_allow_untested_optimizer"] = True  # GuardedAdamW is torch's AdamW plus a skip guard
     return ds
 
 
@@ -108,9 +113,13 @@ class Data:
 
 
 def build_data(cfg: Config, layout: Layout) -> Data:
+    show = layout.is_main
+    # a missing default corpus/vocab (no ../shared/data) falls back to bundled real text; every rank
+    # calls this, one builds under a file lock, the others wait and reuse
+    cfg.data.corpus, cfg.data.vocab = resolve_sources(cfg.data.corpus, cfg.data.vocab, cfg.data.cache_dir,
+                                                      warn=warn_stderr if show else None)
     tok = load_tokenizer(cfg.data.vocab)
     sp = special_ids(tok)
-    show = layout.is_main
     limit = cfg.data.max_documents or None
     index = build_token_cache(cfg.data.corpus, tok, cfg.data.cache_dir, cfg.data.max_seq_len,
                               max_documents=limit, progress=show)
@@ -130,6 +139,9 @@ def build_data(cfg: Config, layout: Layout) -> Data:
 
 def build_model(cfg: Config, vocab_size: int) -> tuple[BertForMaskedLM, ModelConfig]:
     model_cfg = cfg.student_model()
+    if model_cfg.vocab_size != vocab_size and is_fallback_vocab(cfg.data.vocab):
+        cfg.model.vocab_size = vocab_size  # the fallback vocab (see build_data) sets the size
+        model_cfg = cfg.student_model()
     if model_cfg.vocab_size != vocab_size:
         raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} but the tokenizer ({cfg.data.vocab}) has "
                           f"{vocab_size} tokens")
@@ -146,33 +158,6 @@ def build_teacher(cfg: Config, model_cfg: ModelConfig, device: torch.device
     objective = RelationObjective(cfg.distill, model_cfg.num_layers, teacher.config.num_layers)
     teacher.num_layers = objective.teacher_layers_needed  # stop the teacher at its deepest tapped layer
     return teacher, objective
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay / no-decay groups, each split into expert and non-expert parts for DeepSpeed-MoE."""
-    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
-
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    if any(is_moe_param(p) for p in model.parameters()):
-        groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    return [g for g in groups if g["params"]]
-
-
-def lr_lambda(cfg: Config):
-    t = cfg.train
-
-    def fn(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-        decay = 1.0 - progress if t.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * decay
-
-    return fn
 
 
 def untag_replicated_experts(model: torch.nn.Module) -> None:
@@ -194,10 +179,10 @@ def build_engine(cfg: Config, model: BertForMaskedLM, ds_config: dict):
 
     untag_replicated_experts(model)
     t = cfg.train
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=ds_config)
+    optimizer = GuardedAdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
     return engine, optimizer, scheduler
 
 
@@ -243,6 +228,83 @@ def evaluate(engine, data: Data, dataset: PackedDataset, cfg: Config, layout: La
     engine.module.train(was_training)
     loss = (sums[0] / sums[2]).item()
     return {"mlm_loss": loss, "accuracy": (sums[1] / sums[2]).item(), "perplexity": math.exp(min(loss, 50.0))}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row: the message names the step and the loss terms."""
+
+
+TERMS = ("mlm", "aux", "L_T", "L_I", "L_A")  # the loss terms checked for non-finite values, in order
+
+
+def forward_loss(engine, batch: dict, taps: Taps | None, teacher: FrozenTeacher | None,
+                 objective: RelationObjective | None, fault: str | None = None):
+    """One micro-batch forward: (loss, logged parts incl. every loss term, model output)."""
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    if taps:
+        with taps:
+            out = engine(*inputs, labels=batch["labels"])
+        rel, terms = objective(taps.captured, teacher(*inputs), batch["attention_mask"])
+        loss = out.loss + rel
+    else:
+        out, terms = engine(*inputs, labels=batch["labels"]), {}
+        loss = out.loss
+    parts = {"mlm": out.mlm_loss.detach(), "aux": out.aux_loss.detach(),
+             "mlm_accuracy": out.correct / out.num_masked.clamp(min=1)}
+    for k, v in terms.items():  # 'T' -> L_T; 'T/3' -> relation/L_T/3 (per layer)
+        parts[f"relation/L_{k}" if "/" in k else f"L_{k}"] = v
+    for s in out.moe_stats:
+        parts["balance"] = parts.get("balance", 0.0) + s.balance_loss.detach() / len(out.moe_stats)
+        parts["dropped"] = parts.get("dropped", 0.0) + s.dropped / len(out.moe_stats)
+    if fault:  # fault injection for the reliability tests (TCD_INJECT_NONFINITE)
+        if fault == "grad":
+            poison = next(engine.module.parameters()).sum() * 0.0
+            poison.register_hook(lambda g: g * float("nan"))
+            loss = loss + poison
+        else:
+            parts[fault] = torch.tensor(float("nan"))
+            loss = loss + parts[fault].to(loss.device)
+    parts["loss"] = loss.detach()
+    return loss, parts, out
+
+
+def nonfinite_terms(parts: dict, device: torch.device) -> list[str]:
+    """Names of the loss terms that are non-finite on any rank (the same list on every rank)."""
+    flags = torch.tensor([0.0 if k not in parts or math.isfinite(float(parts[k])) else 1.0 for k in TERMS],
+                         device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [k.removeprefix("L_") if k.startswith("L_") else k.upper() if k == "mlm" else k
+            for k, f in zip(TERMS, flags.tolist()) if f]
+
+
+def injected_faults() -> dict[int, str]:
+    """`TCD_INJECT_NONFINITE="3:mlm,4:grad"`: make step 3's MLM loss NaN and step 4's gradients NaN."""
+    out = {}
+    for item in filter(None, os.environ.get("TCD_INJECT_NONFINITE", "").split(",")):
+        step, term = item.split(":")
+        out[int(step)] = term if term == "grad" else {"mlm": "mlm", "aux": "aux"}.get(term, f"L_{term}")
+    return out
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, client: dict, model_config: dict, cfg: Config,
+                    device: torch.device) -> Path:
+    """Save on every rank; if any rank fails to write, every rank stops with one clear line and the
+    previous complete checkpoint stays the one `latest` points to."""
+    error = None
+    try:
+        path = checkpoint.save(engine, ckpt_dir, step, client, model_config, cfg.train.keep_checkpoints)
+    except OSError as err:
+        error = err
+    failed = torch.tensor([1.0 if error else 0.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        previous, _ = checkpoint.find_latest(ckpt_dir)
+        raise CheckpointError(f"cannot write the checkpoint of step {step} under {ckpt_dir}: "
+                              f"{error or 'another rank failed to write'}; the last complete checkpoint "
+                              f"({previous or 'none'}) is intact")
+    return path
 
 
 class StopRequest:
@@ -300,42 +362,55 @@ def train(cfg: Config, layout: Layout, device: torch.device, ds_config: dict, re
 
     stop = StopRequest()
     model_config = config_to_hf(model_cfg)
-    last, history, window_tokens, window_start = {}, [], 0, time.perf_counter()
-    total_time = 0.0
+    metrics = MetricsLog(run_dir / "metrics.jsonl", layout.is_main)
+    inject = injected_faults()
+    last, window_tokens, window_start = {}, 0, time.perf_counter()
+    total_time, skipped_total, in_a_row = 0.0, 0, 0
     interrupted = False
+
+    def save(at: int) -> Path:
+        return save_checkpoint(engine, ckpt_dir, at, {"step": at, "tokens": tokens}, model_config, cfg, device)
+
     engine.train()
     while step < cfg.train.max_steps:
         step_start = time.perf_counter()
+        optimizer.begin_step()
         sums: dict[str, float] = {}
-        sample_sum = 0  # a checksum of the samples this rank saw in this step (resume must match it)
+        sample_sum, bad_terms = 0, []  # sample_sum: a checksum of this rank's samples (resume must match it)
         for micro in range(cfg.train.grad_accum):
             indices = data.order.batch_indices(step, micro, layout.rank)
             batch = make_batch(data, data.train, indices, cfg.seed, step, layout.rank, micro,
                                cfg.data.mlm_probability, device)
-            inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-            if taps:
-                with taps:
-                    out = engine(*inputs, labels=batch["labels"])
-                rel, terms = objective(taps.captured, teacher(*inputs), batch["attention_mask"])
-                loss = out.loss + rel
-            else:
-                out, terms = engine(*inputs, labels=batch["labels"]), {}
-                loss = out.loss
+            loss, parts, out = forward_loss(engine, batch, taps, teacher, objective, inject.get(step + 1))
+            bad = nonfinite_terms(parts, device)
+            if bad:  # skipped on every rank: back-propagate an exact zero, and the optimizer step is a no-op
+                bad_terms += [t for t in bad if t not in bad_terms]
+                optimizer.skip_requested = True
+                loss = sum((p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad),
+                           torch.zeros((), device=device))
             engine.backward(loss)
             engine.step()
-            parts = {"loss": loss.detach(), "mlm": out.mlm_loss.detach(), "aux": out.aux_loss.detach(),
-                     "mlm_accuracy": out.correct / out.num_masked.clamp(min=1)}
-            for s in out.moe_stats:
-                parts["balance"] = parts.get("balance", 0.0) + s.balance_loss.detach() / len(out.moe_stats)
-                parts["dropped"] = parts.get("dropped", 0.0) + s.dropped / len(out.moe_stats)
-            for k, v in terms.items():  # 'T' -> L_T; 'T/3' -> relation/L_T/3 (per layer)
-                parts[f"relation/L_{k}" if "/" in k else f"L_{k}"] = v
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / cfg.train.grad_accum
+            if not bad:
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / cfg.train.grad_accum
             window_tokens += int(batch["attention_mask"].sum())
             sample_sum += int(indices.sum())
         step += 1
         total_time += time.perf_counter() - step_start
+
+        # skipped by our guard, or by DeepSpeed's ZeRO optimizer itself (it drops a step whose global
+        # gradient norm is not finite, and then does not advance the LR schedule)
+        if optimizer.skipped or getattr(engine.optimizer, "overflow", False):
+            skipped_total, in_a_row = skipped_total + 1, in_a_row + 1
+            what = ", ".join(bad_terms) or "gradients"
+            monitor.message(f"step {step}: non-finite {what}: step skipped ({in_a_row} in a row)")
+            monitor.scalars(step, {"train/skipped_steps": skipped_total})
+            if in_a_row >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteError(f"stopped at step {step}: {in_a_row} steps in a row had non-finite {what} "
+                                     f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last "
+                                     f"complete checkpoint is under {ckpt_dir}")
+        else:
+            in_a_row = 0
 
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             logged = all_mean(sums, device)
@@ -344,7 +419,7 @@ def train(cfg: Config, layout: Layout, device: torch.device, ds_config: dict, re
             tokens += int(window)
             tps = window / elapsed
             logged.update({"lr": scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                           "tokens_per_second": tps, "tokens": tokens})
+                           "tokens_per_second": tps, "tokens": tokens, "skipped_steps": skipped_total})
             if peak:
                 logged["mfu"] = fpt * tps / (peak * layout.world_size)
             monitor.scalars(step, {("train/" + k if "/" not in k else k): v for k, v in logged.items()})
@@ -353,27 +428,25 @@ def train(cfg: Config, layout: Layout, device: torch.device, ds_config: dict, re
             shown["tok/s"] = tps
             monitor.progress(step, shown)
             last = logged
-            history.append({"step": step, "samples_rank0": sample_sum,
-                            **{k: v for k, v in logged.items() if "/" not in k}})
+            metrics.append("train", step, {"samples_rank0": sample_sum,
+                                           **{k: v for k, v in logged.items() if "/" not in k}})
             window_tokens, window_start = 0, time.perf_counter()
 
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-            run_evals(engine, data, cfg, layout, device, monitor, step)
+            metrics.append("eval", step, run_evals(engine, data, cfg, layout, device, monitor, step))
         if stop.agreed(device):
             interrupted = True
-            checkpoint.save(engine, ckpt_dir, step, {"step": step, "tokens": tokens}, model_config,
-                            cfg.train.keep_checkpoints)
-            monitor.message(f"signal {stop.signal}: saved step {step}, exiting for requeue")
+            save(step)
+            monitor.message(f"signal {stop.signal}: saved step {step}; exiting with status {REQUEUE_EXIT} (requeue)")
             break
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
-            checkpoint.save(engine, ckpt_dir, step, {"step": step, "tokens": tokens}, model_config,
-                            cfg.train.keep_checkpoints)
+            save(step)
 
     summary = {"mode": cfg.mode, "steps": step, "tokens": tokens, "interrupted": interrupted}
     if not interrupted:
         evals = run_evals(engine, data, cfg, layout, device, monitor, step)
-        final = checkpoint.save(engine, ckpt_dir, step, {"step": step, "tokens": tokens}, model_config,
-                                cfg.train.keep_checkpoints)
+        metrics.append("eval", step, evals)
+        final = save(step)
         if layout.is_main:
             checkpoint.export_checkpoint(final, run_dir / "export")
             tok_file = Path(cfg.data.vocab)
@@ -386,7 +459,7 @@ def train(cfg: Config, layout: Layout, device: torch.device, ds_config: dict, re
         "tokens_per_second": last.get("tokens_per_second"), "mfu": last.get("mfu"),
         "step_time_s": total_time / max(1, step - monitor.start_step), "world_size": layout.world_size,
         "parameters": num_parameters(model), "active_parameters": num_parameters(model, active=True),
-        "history": history,
+        "history": metrics.read("train"), "eval_history": metrics.read("eval"),
     })
     if layout.is_main:
         checkpoint._write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -426,16 +499,25 @@ def main(argv: list[str] | None = None) -> dict:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         ds_config = load_ds_config(args.deepspeed_config, cfg, device)
         if cfg.mode == "tcd":
-            check_compatible(cfg.student_model(), read_teacher_config(cfg.teacher.path), cfg.distill)
+            teacher_cfg, student = read_teacher_config(cfg.teacher.path), cfg.student_model()
+            if vocab_falls_back(cfg.data.vocab):  # the fallback vocab's size is known after build_data
+                student = dataclasses.replace(student, vocab_size=teacher_cfg.vocab_size)
+            check_compatible(student, teacher_cfg, cfg.distill)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    device = init_distributed(layout)
+    device = init_distributed(layout, cfg.train.collective_timeout_s)
     try:
-        return train(cfg, layout, device, ds_config, args.resume)
+        summary = train(cfg, layout, device, ds_config, args.resume)
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(NONFINITE_EXIT) from None
+    if summary["interrupted"]:
+        raise SystemExit(REQUEUE_EXIT)
+    return summary
 
 
 if __name__ == "__main__":

@@ -36,21 +36,29 @@ What it starts (all under one ``tempfile.mkdtemp`` dir, chmod 0755 because munge
     recorded daemon pids. Never a broad pkill.
 
 Preemption / requeue mechanism (verified with Slurm 22.05.8 by tests/test_slurm_cluster.py,
-``test_usr1_checkpoint_and_requeue``); the trainer relies on it:
-  1. Submit with ``sbatch --requeue --signal=B:USR1@<secs>`` (``B:`` = the signal goes to the
-     batch shell only; JobRequeue=1 here makes --requeue the default anyway, real clusters may
-     differ). An admin/test can deliver it now with ``scancel --signal=USR1 --batch <jobid>``.
-  2. The batch script runs the ranks with ``tcd_srun_requeueable srun ...`` from
-     ``slurm/launch.sh``: srun runs in the background and the shell ``wait``s (a bash trap does not
-     run while a foreground child runs). Its USR1 trap forwards the signal to every task with
-     ``scancel --signal=USR1 $SLURM_JOB_ID`` (all steps, not the batch shell) and records it.
-     Every rank traps USR1, saves its checkpoint and exits 0.
-  3. When srun has returned, the shell calls ``scontrol requeue $SLURM_JOB_ID``: the job goes
-     back to PENDING (Restarts=1), the batch shell is killed (SIGTERM, SIGKILL after KillWait);
-     the rerun gets ``SLURM_RESTART_COUNT=1`` (unset on the first run) and resumes from the
-     checkpoint. Slurm holds a requeued job back with BeginTime = requeue time + ~120 s
-     (hard-coded in slurmctld); ``SlurmCluster.release_begin_time(jid)`` (``scontrol update
-     JobId=.. StartTime=now``) skips that wait in tests.
+``test_usr1_checkpoint_and_requeue`` / ``test_time_limit_signal_requeue``; the trainer relies on it):
+  1. Submit with ``sbatch --requeue --open-mode=append --signal=B:USR1@<secs>``. ``B:`` = the
+     signal goes to the batch shell only. slurmctld checks time limits only every ~30 s, so the
+     signal comes up to ~30 s later than <secs> before the limit: leave a margin (e.g. @300).
+     ``--open-mode=append`` keeps the first run's log in the requeued run's output file.
+     JobRequeue=1 here makes --requeue the default; real clusters may differ, so always pass it.
+     Manual/preemption trigger, same effect: ``scancel --signal=USR1 --batch <jobid>`` (``--full``
+     works too: the tasks then get it twice, harmless).
+  2. The batch script runs the ranks with ``tcd_srun_requeueable srun ...`` (``slurm/launch.sh``):
+     srun runs in the background and the shell ``wait``s (a bash trap cannot run while a
+     foreground child runs). Its USR1 trap forwards the signal to every task with
+     ``scancel --signal=USR1 $SLURM_JOB_ID`` (= all job steps, not the batch shell) and records it.
+     Slurm signals EVERY process of the step, not just the task leader: each rank must handle
+     USR1 (set a flag -> save checkpoint -> exit 0) and its children (e.g. DataLoader workers)
+     must ignore it or be expendable (an unhandled USR1 kills a process).
+  3. When srun has returned, the shell runs ``scontrol requeue $SLURM_JOB_ID``: the job becomes
+     PENDING with Restarts=1 and the batch shell is killed ("CANCELLED ... DUE TO JOB REQUEUE" in
+     the log, then SIGKILL after KillWait). The rerun has ``SLURM_RESTART_COUNT=1`` (2, ... on
+     later requeues; UNSET on the first run) and the same SLURM_JOB_ID, and resumes from the
+     checkpoint. Slurm keeps a requeued job pending with Reason=BeginTime for ~120 s (hard-coded;
+     measured: eligible 121 s after the requeue, started on the next scheduler pass ~30 s later);
+     ``SlurmCluster.release_begin_time(jid)`` (``scontrol update JobId=<id> StartTime=now``)
+     skips that wait in tests (restarted within ~3 s).
 """
 from __future__ import annotations
 

@@ -1,0 +1,633 @@
+"""The paper's protocol as one resumable, recipe-driven pipeline.
+
+    python -m tcd_ds.experiments <recipe> [--out DIR] [--steps a,b] [--dry-run] [key=value ...]
+
+`<recipe>`: a name in `tcd_ds/recipes/experiments/` (`tiny`, `small`) or a YAML path; `key=value`
+pairs override it (`glue.seeds=1,2`, `pretrain.train.max_steps=50`, `ranks=1`). Steps, each under
+`<out>/<step>/`:
+
+1. teacher    pre-train the vanilla (dense) teacher;
+2. pretrain   the MoE baseline and the TCD student: same data, seed and steps (epoch-aligned);
+3. align      a longer baseline (`align.factor` x steps, eval + save every `align.every`); the
+              earliest checkpoint whose val MLM loss <= the student's is exported (perf-aligned);
+4. ablations  TCD with position subsets (T, I, A, TI, ...), same steps; fine-tuned on `ablations.tasks`;
+5. trend      `trend.task` fine-tuned from checkpoints along pre-training, baseline vs TCD;
+6. ood        MLM loss out of distribution (Gutenberg) vs in-domain for loss-aligned models;
+7. glue       fine-tune teacher, baselines and student on `glue.tasks` (lr grid x seeds).
+
+Every unit of work (one training, one fine-tuning sweep, one export) ends by atomically writing
+`done.json` in its directory; a re-run skips finished units, and an unfinished training resumes
+from its latest checkpoint (the trainer's `--resume auto`). A training unit whose settings changed
+since it finished is refused (use another --out); a fine-tuning unit is re-run (its sweep resumes).
+`<out>/report.md` (tables and PNG plots, see `tcd_ds/report.py`) is rewritten at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import difflib
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+RECIPES = Path(__file__).parent / "recipes" / "experiments"
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_PY = Path(__file__).parent / "train.py"
+STEPS = ("teacher", "pretrain", "align", "ablations", "trend", "ood", "glue")
+FREE = ("pretrain", "teacher")  # trainer overrides (validated by tcd_ds.config), any depth
+DEFAULTS: dict[str, Any] = {
+    "model_recipe": "tiny",  # tcd_ds/recipes/<name>.yaml or a path, for every pre-training run
+    "ranks": 1,  # 1: python -m tcd_ds.train; >1: the deepspeed launcher
+    "ds_config": "ds_configs/cpu_zero2.json",
+    "out": "",  # default runs/experiments/<recipe name>
+    "pretrain": {},  # trainer overrides common to every pre-training run (data, train, seed, ...)
+    "teacher": {},  # extra trainer overrides for the teacher only
+    "align": {"factor": 2.0, "every": 100},
+    "ablations": {"positions": ["T", "I", "A", "TI", "TA", "IA"], "tasks": ["MRPC"]},
+    "trend": {"task": "MRPC", "every": 100, "lrs": [], "seeds": []},  # empty lrs/seeds: glue's
+    "glue": {"dir": "../shared/data/glue", "tasks": ["CoLA", "SST-2", "MRPC", "WNLI", "QNLI"],
+             "lrs": [1e-4], "seeds": [1, 2, 3], "epochs": 2, "max_train_examples": 0,
+             "max_eval_examples": 0, "batch_size": 32, "max_seq_len": 128, "include_aligned": True,
+             "threads": 0},
+}
+LIST_TYPES = {"ablations.positions": str, "ablations.tasks": str, "trend.lrs": float, "trend.seeds": int,
+              "glue.tasks": str, "glue.lrs": float, "glue.seeds": int}
+RESERVED = ("mode", "run_dir", "teacher.path")  # set by the pipeline
+
+
+class ExperimentError(ValueError):
+    """A bad recipe or a failed unit: one line for the user."""
+
+
+# --- recipe -------------------------------------------------------------------------------------
+
+def _coerce(key: str, default: Any, value: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+                return value.lower() in ("true", "yes", "on", "1")
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if isinstance(default, list):
+            items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else value
+            if not isinstance(items, list):
+                raise ValueError
+            return [_coerce(key, LIST_TYPES[key](), x) for x in items]
+        if isinstance(default, int):
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if isinstance(value, (dict, list)):
+            raise ValueError
+        return str(value)
+    except (TypeError, ValueError):
+        kind = f"a list of {LIST_TYPES[key].__name__}" if isinstance(default, list) else type(default).__name__
+        raise ExperimentError(f"recipe key '{key}' expects {kind}, got {value!r}") from None
+
+
+def _unknown(key: str, valid) -> ExperimentError:
+    leaf, prefix = key.rsplit(".", 1)[-1], key.rpartition(".")[0]
+    close = difflib.get_close_matches(leaf, list(valid), n=1, cutoff=0.5)
+    full = lambda k: f"{prefix}.{k}" if prefix else k  # noqa: E731
+    hint = f"; did you mean '{full(close[0])}'?" if close else f"; valid: {', '.join(map(full, valid))}"
+    return ExperimentError(f"unknown recipe key '{key}'{hint}")
+
+
+def _merge(base: dict, data: Any, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ExperimentError(f"recipe section '{prefix.rstrip('.') or 'recipe'}' must be a mapping")
+    for key, value in data.items():
+        if key not in base:
+            raise _unknown(prefix + str(key), base)
+        if prefix == "" and key in FREE:
+            if not isinstance(value or {}, dict):
+                raise ExperimentError(f"recipe section '{key}' must be a mapping of trainer keys")
+            base[key] = copy.deepcopy(value or {})
+        elif isinstance(base[key], dict):
+            _merge(base[key], value, f"{prefix}{key}.")
+        else:
+            base[key] = _coerce(prefix + key, DEFAULTS_FLAT[prefix + key], value)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+DEFAULTS_FLAT = _flatten({k: v for k, v in DEFAULTS.items() if k not in FREE})
+
+
+def apply_override(rc: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ExperimentError(f"override {item!r} is not of the form key=value")
+    parts = key.strip().split(".")
+    if parts[0] in FREE:
+        if len(parts) < 2:
+            raise ExperimentError(f"recipe key '{key}' is a section; set a trainer key, e.g. {key}.train.max_steps=10")
+        node = rc[parts[0]]
+        for p in parts[1:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ExperimentError(f"recipe key '{key}': {p} is a value, not a section")
+        node[parts[-1]] = text
+        return
+    try:
+        node = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        node = text
+    for p in reversed(parts):
+        node = {p: node}
+    _merge(rc, node)
+
+
+def _trainer_overrides(section: dict) -> list[str]:
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in _flatten(section).items()]
+
+
+def load(recipe: str, overrides: list[str] = ()) -> tuple[str, dict]:
+    """(recipe name, resolved and validated recipe dict)."""
+    path = Path(recipe)
+    if not path.is_file():
+        path = RECIPES / f"{recipe}.yaml"
+        if not path.is_file():
+            names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+            raise ExperimentError(f"experiment recipe {recipe!r} is neither a file nor one of: {names}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ExperimentError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    rc = copy.deepcopy(DEFAULTS)
+    _merge(rc, data)
+    for item in overrides:
+        apply_override(rc, item)
+    validate(rc)
+    return path.stem, rc
+
+
+def _ds_config(path: str) -> Path:
+    for p in (Path(path), REPO / path):
+        if p.is_file():
+            return p
+    raise ExperimentError(f"ds_config {path} does not exist")
+
+
+def validate(rc: dict) -> None:
+    """Check values; fills rc['_steps'], rc['_teacher_steps'] and canonical task/position names."""
+    from tcd_ds.config import ConfigError, build_config
+    from tcd_ds.data.glue import GlueDataError, get_task
+
+    if rc["ranks"] < 1:
+        raise ExperimentError(f"ranks must be >= 1, got {rc['ranks']}")
+    _ds_config(rc["ds_config"])
+    a, g, t = rc["align"], rc["glue"], rc["trend"]
+    if a["factor"] < 1 or a["every"] < 1:
+        raise ExperimentError("align.factor must be >= 1 and align.every >= 1")
+    positions = []
+    for p in rc["ablations"]["positions"]:
+        canon = "".join(c for c in "TIA" if c in p.upper())
+        if not p or len(canon) != len(p) or canon in positions:
+            raise ExperimentError(f"ablations.positions: {p!r} is not a new non-empty subset of T, I, A")
+        positions.append(canon)
+    rc["ablations"]["positions"] = positions
+    try:
+        for key, tasks in (("glue.tasks", g["tasks"]), ("ablations.tasks", rc["ablations"]["tasks"])):
+            names = [get_task(x).name for x in tasks]
+            if len(set(names)) != len(names):
+                raise ExperimentError(f"{key} names a task twice")
+            tasks[:] = names
+        t["task"] = get_task(t["task"]).name
+    except GlueDataError as err:
+        raise ExperimentError(str(err)) from None
+    if not g["tasks"] or not g["lrs"] or not g["seeds"]:
+        raise ExperimentError("glue.tasks, glue.lrs and glue.seeds must not be empty")
+    for lr in g["lrs"] + t["lrs"]:
+        if not lr > 0:
+            raise ExperimentError(f"learning rates must be > 0, got {lr}")
+    for key in ("epochs", "batch_size", "max_seq_len"):
+        if g[key] < 1:
+            raise ExperimentError(f"glue.{key} must be >= 1, got {g[key]}")
+    if min(g["max_train_examples"], g["max_eval_examples"], g["threads"], *g["seeds"], *t["seeds"]) < 0:
+        raise ExperimentError("glue.max_*_examples, glue.threads and seeds must be >= 0")
+    for section in FREE:
+        for item in _trainer_overrides(rc[section]):
+            if item.split("=", 1)[0] in RESERVED:
+                raise ExperimentError(f"{section}.{item.split('=', 1)[0]} is set by the pipeline; remove it")
+    try:
+        common = _trainer_overrides(rc["pretrain"])
+        steps = build_config(rc["model_recipe"], common + ["mode=tcd", "teacher.path=x"]).train.max_steps
+        build_config(rc["model_recipe"], common + ["mode=moe"])
+        teacher = build_config(rc["model_recipe"], common + _trainer_overrides(rc["teacher"]) + ["mode=vanilla"])
+    except ConfigError as err:
+        raise ExperimentError(f"pretrain/teacher: {err}") from None
+    if not 1 <= t["every"] <= steps:
+        raise ExperimentError(f"trend.every must be in [1, pre-training steps={steps}], got {t['every']}")
+    rc["_steps"], rc["_teacher_steps"] = steps, teacher.train.max_steps
+
+
+# --- units --------------------------------------------------------------------------------------
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fmt_time(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else f"{m}m{s:02d}s"
+
+
+class Pipeline:
+    def __init__(self, name: str, rc: dict, out: Path):
+        self.name, self.rc, self.out = name, rc, out
+        self.t0 = time.perf_counter()
+        self.ran, self.skipped = [], []  # unit names
+        self.step = ""
+
+    def say(self, text: str) -> None:
+        print(f"[{fmt_time(time.perf_counter() - self.t0)}] {text}", flush=True)
+
+    def log(self, name: str = "train.log") -> Path:
+        (self.out / self.step).mkdir(parents=True, exist_ok=True)
+        return self.out / self.step / name
+
+    def unit(self, directory: Path, fingerprint: Any, work: Callable[[], dict], strict: bool = True) -> dict:
+        """Run `work` unless `directory/done.json` says it was done with this fingerprint."""
+        name = str(directory.relative_to(self.out))
+        done = read_json(directory / "done.json")
+        fingerprint = json.loads(json.dumps(fingerprint).replace(str(self.out.resolve()), "<out>"))
+        if done is not None and done.get("fingerprint") == fingerprint:
+            self.skipped.append(name)
+            self.say(f"  {name}: done, skipped")
+            return done
+        if done is not None and strict:
+            raise ExperimentError(f"{directory} was done with other settings: use another --out or delete it")
+        self.say(f"  {name}: start")
+        start = time.perf_counter()
+        info = work() or {}
+        done = {"unit": name, **info, "fingerprint": fingerprint, "seconds": round(time.perf_counter() - start, 2),
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_json(directory / "done.json", done)
+        self.ran.append(name)
+        self.say(f"  {name}: finished in {fmt_time(done['seconds'])}")
+        return done
+
+    # --- training ---
+
+    def train(self, run_dir: Path, mode: str, extra: list[str], teacher: bool = False) -> dict:
+        rc = self.rc
+        ds = str(_ds_config(rc["ds_config"]))
+        overrides = _trainer_overrides(rc["pretrain"]) + (_trainer_overrides(rc["teacher"]) if teacher else [])
+        args = ["--config", rc["model_recipe"], "--mode", mode, "--deepspeed_config", ds, *overrides, *extra,
+                f"run_dir={run_dir.resolve()}"]
+        given = [x.split("=", 1)[1] for x in args if x.startswith("train.max_steps=")]
+        steps = int(float(given[-1])) if given else rc["_teacher_steps" if teacher else "_steps"]
+
+        def work() -> dict:
+            summary = read_json(run_dir / "summary.json")
+            if not (summary and not summary.get("interrupted") and summary.get("steps", 0) >= steps):
+                self._launch(args, run_dir)
+                summary = read_json(run_dir / "summary.json")
+                if not summary or summary.get("interrupted"):
+                    raise ExperimentError(f"training {run_dir} stopped before the end; re-run to resume")
+            return {"steps": summary["steps"], "eval": summary.get("eval")}
+
+        return self.unit(run_dir, {"ranks": rc["ranks"], "args": args}, work)
+
+    def _launch(self, args: list[str], run_dir: Path) -> None:
+        ranks = self.rc["ranks"]
+        if ranks == 1:
+            cmd = [sys.executable, "-m", "tcd_ds.train", *args]
+        else:
+            launcher = shutil.which("deepspeed")
+            launcher = [launcher] if launcher else [sys.executable, "-m", "deepspeed.launcher.runner"]
+            cmd = [*launcher, "--num_accelerators", str(ranks), "--master_port", str(_free_port()), str(TRAIN_PY),
+                   *args]
+        log = self.log()
+        with open(log, "a") as f:
+            f.write(f"\n===== {time.strftime('%H:%M:%S')} {run_dir}\n$ {' '.join(cmd)}\n")
+            f.flush()
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            try:
+                while True:
+                    try:
+                        rc = proc.wait(timeout=60)
+                        break
+                    except subprocess.TimeoutExpired:
+                        self.say(f"    {_last_progress(log)}")
+            except BaseException:
+                proc.terminate()  # the trainer saves a checkpoint on SIGTERM
+                proc.wait(timeout=120)
+                raise
+        if rc != 0:
+            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+            raise ExperimentError(f"training {run_dir} failed (exit {rc}); see {log}: {tail[-400:]}")
+
+    # --- fine-tuning ---
+
+    def finetune(self, model_dir: Path, task: str, out_dir: Path, lrs=None, seeds=None,
+                 before: Callable[[], None] | None = None) -> dict:
+        g = self.rc["glue"]
+        argv = ["--model", str(model_dir.resolve()), "--task", task, "--glue-dir", g["dir"],
+                "--lrs", ",".join(f"{x:g}" for x in (lrs or g["lrs"])),
+                "--seeds", ",".join(map(str, seeds or g["seeds"])), "--epochs", str(g["epochs"]),
+                "--out", str(out_dir.resolve()), "--max-train-examples", str(g["max_train_examples"]),
+                "--max-eval-examples", str(g["max_eval_examples"]), "--batch-size", str(g["batch_size"]),
+                "--max-seq-len", str(g["max_seq_len"]), "--threads", str(g["threads"])]
+
+        def work() -> dict:
+            from tcd_ds import finetune
+
+            if before:
+                before()
+            log = self.log("finetune.log")
+            with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                try:
+                    res = finetune.main(argv)
+                except SystemExit as err:
+                    raise ExperimentError(f"fine-tuning {task} from {model_dir} failed (exit {err.code}); "
+                                          f"see {log}") from None
+            return {"task": task, "best_lr": res["best_lr"], "glue_score": res["glue_score"]}
+
+        return self.unit(out_dir, {"argv": argv}, work, strict=False)
+
+
+def _last_progress(log: Path) -> str:
+    with open(log, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 4000))
+        lines = f.read().decode(errors="replace").replace("\r", "\n").splitlines()
+    return next((x.strip()[:160] for x in reversed(lines) if x.strip().startswith(("step ", "eval "))), "running")
+
+
+def task_unavailable(glue_dir: str, task: str) -> str | None:
+    """Why `task` cannot be fine-tuned here (a missing train or dev split), else None."""
+    from tcd_ds.data.glue import GlueDataError, read_split
+
+    try:
+        for split in ("train", "dev"):
+            read_split(glue_dir, task, split)
+    except GlueDataError as err:
+        return str(err)
+    return None
+
+
+def select_aligned(eval_history: list[dict], saved_steps, target: float, key: str = "val") -> dict:
+    """The earliest saved step whose `key` MLM loss <= target; else the last one, marked not reached."""
+    saved = set(saved_steps)
+    points = sorted((e["step"], e[key]["mlm_loss"]) for e in eval_history if e["step"] in saved and key in e)
+    if not points:
+        raise ExperimentError("no evaluated checkpoint to align on (is align.every a multiple of the eval cadence?)")
+    for step, loss in points:
+        if loss <= target:
+            return {"step": step, "mlm_loss": loss, "target": target, "reached": True}
+    return {"step": points[-1][0], "mlm_loss": points[-1][1], "target": target, "reached": False}
+
+
+# --- the steps ----------------------------------------------------------------------------------
+
+def run_dirs(out: Path, rc: dict) -> dict[str, Path]:
+    d = {"teacher": out / "teacher" / "run", "baseline": out / "pretrain" / "baseline",
+         "tcd": out / "pretrain" / "tcd", "baseline_long": out / "align" / "baseline_long"}
+    d.update({f"tcd_{p}": out / "ablations" / p / "run" for p in rc["ablations"]["positions"]})
+    return d
+
+
+def step_teacher(p: Pipeline) -> None:
+    p.train(run_dirs(p.out, p.rc)["teacher"], "vanilla", [], teacher=True)
+
+
+def _keep_all(steps: int, every: int) -> list[str]:
+    return [f"train.save_every={every}", f"train.keep_checkpoints={math.ceil(steps / every) + 1}"]
+
+
+def _teacher_path(p: Pipeline) -> str:
+    teacher = run_dirs(p.out, p.rc)["teacher"]
+    if not (teacher / "export" / "config.json").is_file():
+        raise ExperimentError(f"step pretrain needs the teacher: run step teacher first ({teacher})")
+    return f"teacher.path={teacher.resolve()}"
+
+
+def step_pretrain(p: Pipeline) -> None:
+    dirs, keep = run_dirs(p.out, p.rc), _keep_all(p.rc["_steps"], p.rc["trend"]["every"])
+    p.train(dirs["baseline"], "moe", keep)
+    p.train(dirs["tcd"], "tcd", [_teacher_path(p), *keep])
+
+
+def _final_val(run_dir: Path) -> float:
+    summary = read_json(run_dir / "summary.json")
+    if not summary or "eval" not in summary:
+        raise ExperimentError(f"{run_dir} has no finished summary.json: run the earlier steps first")
+    return summary["eval"]["val"]["mlm_loss"]
+
+
+def step_align(p: Pipeline) -> None:
+    from tcd_ds.checkpoint import complete_checkpoints, export_checkpoint
+
+    dirs, a = run_dirs(p.out, p.rc), p.rc["align"]
+    long_steps = max(1, round(a["factor"] * p.rc["_steps"]))
+    p.train(dirs["baseline_long"], "moe", [f"train.max_steps={long_steps}", f"train.eval_every={a['every']}",
+                                           *_keep_all(long_steps, a["every"])])
+    target = _final_val(dirs["tcd"])
+    history = read_json(dirs["baseline_long"] / "summary.json")["eval_history"]
+    ckpts = dirs["baseline_long"] / "checkpoints"
+    sel = select_aligned(history, [s for _, s in complete_checkpoints(ckpts)], target)
+    unit_dir = p.out / "align" / "aligned"
+
+    def work() -> dict:
+        export_checkpoint(ckpts / f"step_{sel['step']:08d}", unit_dir / "export")
+        _copy_vocab(dirs["baseline_long"], unit_dir / "export")
+        return {**sel, "student_steps": p.rc["_steps"], "baseline_steps": p.rc["_steps"],
+                "baseline_val": _final_val(dirs["baseline"]), "long_steps": long_steps,
+                "long_val": _final_val(dirs["baseline_long"])}
+
+    p.unit(unit_dir, sel, work)
+
+
+def _copy_vocab(run_dir: Path, export: Path) -> None:
+    vocab = run_dir / "export" / "vocab.txt"
+    if vocab.is_file():
+        shutil.copyfile(vocab, export / "vocab.txt")
+
+
+def step_ablations(p: Pipeline) -> None:
+    dirs = run_dirs(p.out, p.rc)
+    teacher = _teacher_path(p)
+    for pos in p.rc["ablations"]["positions"]:
+        p.train(dirs[f"tcd_{pos}"], "tcd", [teacher, f"distill.positions={pos}"])
+        for task in p.rc["ablations"]["tasks"]:
+            if task_unavailable(p.rc["glue"]["dir"], task) is None:
+                p.finetune(dirs[f"tcd_{pos}"] / "export", task, p.out / "ablations" / pos / task)
+
+
+def trend_steps(rc: dict) -> list[int]:
+    every, steps = rc["trend"]["every"], rc["_steps"]
+    return sorted(set(range(every, steps + 1, every)) | {steps})
+
+
+def step_trend(p: Pipeline) -> None:
+    from tcd_ds.checkpoint import export_checkpoint
+
+    dirs, t = run_dirs(p.out, p.rc), p.rc["trend"]
+    for variant in ("baseline", "tcd"):
+        for s in trend_steps(p.rc):
+            tag_dir = dirs[variant] / "checkpoints" / f"step_{s:08d}"
+            export = p.out / "trend" / variant / f"step_{s:08d}" / "export"
+
+            def before(tag_dir=tag_dir, export=export, variant=variant) -> None:
+                if not (tag_dir / "complete.json").is_file():
+                    raise ExperimentError(f"{tag_dir} is missing: the pre-training run did not keep it")
+                export_checkpoint(tag_dir, export)
+                _copy_vocab(dirs[variant], export)
+
+            p.finetune(export, t["task"], export.parent, t["lrs"] or None, t["seeds"] or None, before)
+
+
+def ood_analysis(rc: dict, out: Path) -> dict:
+    from tcd_ds.report import interpolate
+
+    dirs = run_dirs(out, rc)
+    aligned = read_json(out / "align" / "aligned" / "done.json")
+    if aligned is None or not (dirs["tcd"] / "summary.json").is_file():
+        raise ExperimentError("step ood needs step align first")
+    long = read_json(dirs["baseline_long"] / "summary.json")["eval_history"]
+    row = next(e for e in long if e["step"] == aligned["step"])
+    student = read_json(dirs["tcd"] / "summary.json")["eval"]
+    models = {"baseline_aligned": {**row, "step": aligned["step"]}, "tcd": {**student, "step": rc["_steps"]}}
+    for name in ("teacher", "baseline"):
+        models[name] = {**read_json(dirs[name] / "summary.json")["eval"],
+                        "step": rc["_teacher_steps"] if name == "teacher" else rc["_steps"]}
+    curve = [(e["val"]["mlm_loss"], e["gutenberg"]["mlm_loss"]) for e in long if "gutenberg" in e]
+    interp = interpolate(curve, student["val"]["mlm_loss"]) if "gutenberg" in student else None
+    return {"models": models, "baseline_gutenberg_at_student_val": interp}
+
+
+def step_ood(p: Pipeline) -> None:
+    aligned = read_json(p.out / "align" / "aligned" / "done.json") or {}
+    p.unit(p.out / "ood" / "analysis", {"aligned": aligned.get("step"), "target": aligned.get("target")},
+           lambda: ood_analysis(p.rc, p.out))
+
+
+def glue_models(out: Path, rc: dict) -> dict[str, Path]:
+    dirs = run_dirs(out, rc)
+    models = {"teacher": dirs["teacher"] / "export", "baseline": dirs["baseline"] / "export"}
+    if rc["glue"]["include_aligned"]:
+        models["baseline_aligned"] = out / "align" / "aligned" / "export"
+    models["tcd"] = dirs["tcd"] / "export"
+    return models
+
+
+def step_glue(p: Pipeline) -> None:
+    g = p.rc["glue"]
+    skipped = {t: why for t in g["tasks"] if (why := task_unavailable(g["dir"], t))}
+    for task, why in skipped.items():
+        p.say(f"  glue {task}: skipped ({why})")
+    write_json(p.out / "glue" / "skipped.json", skipped)
+    for variant, model in glue_models(p.out, p.rc).items():
+        if not (model / "config.json").is_file():
+            raise ExperimentError(f"step glue needs {model}: run the earlier steps first")
+        for task in g["tasks"]:
+            if task not in skipped:
+                p.finetune(model, task, p.out / "glue" / variant / task)
+
+
+STEP_FNS = {"teacher": step_teacher, "pretrain": step_pretrain, "align": step_align,
+            "ablations": step_ablations, "trend": step_trend, "ood": step_ood, "glue": step_glue}
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m tcd_ds.experiments", description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe", help="experiment recipe: a name in tcd_ds/recipes/experiments/ or a YAML path")
+    p.add_argument("--out", help="output dir (default: the recipe's out, else runs/experiments/<recipe>)")
+    p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument("overrides", nargs="*", help="recipe key=value overrides, e.g. glue.seeds=1,2")
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from tcd_ds import report
+
+    args = parse_args(argv)
+    try:
+        name, rc = load(args.recipe, args.overrides)
+        steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+        bad = [s for s in steps if s not in STEPS]
+        if bad:
+            raise ExperimentError(f"unknown step {bad[0]!r}; steps: {', '.join(STEPS)}")
+    except ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    out = Path(args.out or rc["out"] or f"runs/experiments/{name}")
+    if args.dry_run:
+        print(yaml.safe_dump({k: v for k, v in rc.items() if not k.startswith("_")}, sort_keys=False))
+        return {"recipe": rc, "out": str(out)}
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m tcd_ds.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
+    p = Pipeline(name, rc, out)
+    p.say(f"experiment {name} -> {out} (steps {', '.join(steps)})")
+    walls = {}
+    try:
+        for i, step in enumerate(s for s in STEPS if s in steps):
+            p.step, start = step, time.perf_counter()
+            p.say(f"step {STEPS.index(step) + 1}/{len(STEPS)} {step}: start")
+            STEP_FNS[step](p)
+            walls[step] = time.perf_counter() - start
+            units = [read_json(f) for f in sorted((out / step).rglob("done.json")) if f.parent != out / step]
+            write_json(out / step / "done.json", {"step": step, "units": len(units), "wall_s_last_invocation":
+                                                  round(walls[step], 2), "seconds": round(sum(
+                                                      u["seconds"] for u in units if u), 2)})
+            p.say(f"step {step}: finished in {fmt_time(walls[step])}")
+    except ExperimentError as err:
+        p.say(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        with open(out / "invocations.jsonl", "a") as f:
+            f.write(json.dumps({"command": command, "cwd": os.getcwd(), "started": time.strftime(
+                "%Y-%m-%d %H:%M:%S", time.localtime(time.time() - (time.perf_counter() - p.t0))),
+                "wall_s": round(time.perf_counter() - p.t0, 1), "steps": walls, "ran": p.ran}) + "\n")
+    path = report.write_report(out, name, rc, command)
+    p.say(f"report: {path} ({len(p.ran)} units run, {len(p.skipped)} skipped)")
+    return {"out": str(out), "report": str(path), "ran": p.ran, "skipped": p.skipped}
+
+
+if __name__ == "__main__":
+    main()

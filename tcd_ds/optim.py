@@ -1,0 +1,81 @@
+"""Optimizer pieces: MoE-aware parameter groups, the LR schedule, and a step that can be skipped.
+
+DeepSpeed's ZeRO-1/2 optimizer wraps the torch optimizer we pass and calls its `step()` on this
+rank's fp32 partitions (once per parameter group). `GuardedAdamW.step` first agrees with every rank
+on whether the step must be skipped (a non-finite loss seen by the trainer, or a non-finite
+gradient in any rank's partition) and then either steps or leaves parameters and optimizer state
+untouched on all ranks alike, so no rank drifts from the others.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from tcd_ds.config import TrainConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay / no-decay groups, each split into expert and non-expert parts for DeepSpeed-MoE."""
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    if any(is_moe_param(p) for p in model.parameters()):
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return [g for g in groups if g["params"]]
+
+
+def lr_lambda(t: TrainConfig):
+    """Linear warm-up, then linear or cosine decay to `min_lr_ratio` at `max_steps`."""
+
+    def fn(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        decay = 1.0 - progress if t.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * decay
+
+    return fn
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW whose step is skipped on every rank when any rank saw a non-finite loss or gradient."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip_requested = False  # set by the trainer for a non-finite loss, before the boundary step
+        self.skipped = False  # whether the last boundary step was skipped (set on its first group call)
+        self.bad_gradients = False
+
+    def _agree(self, bad: bool) -> bool:
+        flag = torch.tensor([1.0 if bad else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = flag.to(_device_of(self))
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        bad_grad = any(not torch.isfinite(g).all() for g in grads)
+        if self._agree(bad_grad or self.skip_requested):
+            self.skipped = True
+            self.bad_gradients = self.bad_gradients or self._agree(bad_grad)
+            return None
+        return super().step(closure)
+
+    def begin_step(self) -> None:
+        """Called by the trainer before each optimizer step's micro-batches."""
+        self.skip_requested = self.skipped = self.bad_gradients = False
+
+
+def _device_of(opt: torch.optim.Optimizer) -> torch.device:
+    for g in opt.param_groups:
+        for p in g["params"]:
+            return p.device
+    return torch.device("cpu")
