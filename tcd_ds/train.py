@@ -42,6 +42,7 @@ from tcd_ds.distill.objective import RelationObjective, check_compatible
 from tcd_ds.distill.taps import Taps, tap_points
 from tcd_ds.distill.teacher import FrozenTeacher, load_teacher, read_teacher_config
 from tcd_ds.model.bert import BertForMaskedLM, flops_per_token, num_parameters
+from tcd_ds.memory import format_plan, memory_plan
 from tcd_ds.model.hf import CheckpointError, config_to_hf
 from tcd_ds.monitor import MetricsLog, Monitor, measure_matmul_peak
 from tcd_ds.optim import GuardedAdamW, lr_lambda, param_groups
@@ -359,6 +360,12 @@ def train(cfg: Config, layout: Layout, device: torch.device, ds_config: dict, re
                         f"({num_parameters(model, active=True) / 1e6:.2f}M active), world {layout.world_size}, "
                         f"{len(data.train)} training sequences of {cfg.data.max_seq_len}, dtype {dtype}, "
                         f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+        teacher_dtype = names[next(teacher.parameters()).dtype] if teacher else "fp16"
+        monitor.message(format_plan(memory_plan(
+            model_cfg, cfg.train.micro_batch_size, cfg.data.max_seq_len, layout.world_size,
+            ds_config.get("zero_optimization", {}).get("stage", 0), names[dtype],
+            teacher.config if teacher else None, teacher_dtype)))
 
     stop = StopRequest()
     model_config = config_to_hf(model_cfg)
