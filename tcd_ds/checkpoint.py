@@ -108,8 +108,28 @@ def find_latest(ckpt_dir: Path) -> tuple[str | None, list[str]]:
     return None, skipped
 
 
-def resume(engine, ckpt_dir: Path, tag: str, rank: int) -> dict:
+def check_same_model(tag_dir: Path, model_config: dict) -> None:
+    """Refuse to resume a checkpoint saved for another model shape (one line naming the differences)."""
+    saved_file = tag_dir / "config.json"
+    if not saved_file.is_file():
+        raise CheckpointError(f"checkpoint {tag_dir} has no config.json: not a tcd-ds checkpoint")
+    saved = json.loads(saved_file.read_text())
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings", "type_vocab_size")
+    diff = [f"{k} {saved.get(k)} -> {model_config.get(k)}" for k in keys if saved.get(k) != model_config.get(k)]
+    old_moe, new_moe = saved.get("tcd_moe") or {}, model_config.get("tcd_moe") or {}
+    diff += [f"moe.{k} {old_moe.get(k)} -> {new_moe.get(k)}" for k in ("num_experts", "moe_every")
+             if old_moe.get(k) != new_moe.get(k)]
+    if diff:
+        raise CheckpointError(f"cannot resume from {tag_dir}: the model shape changed ({', '.join(diff)}); "
+                              "use another run_dir or --resume none")
+
+
+def resume(engine, ckpt_dir: Path, tag: str, rank: int, model_config: dict) -> dict:
     """Load model, optimizer, scheduler and this rank's RNG; returns the client state."""
+    if not (ckpt_dir / tag / COMPLETE).is_file():
+        raise CheckpointError(f"checkpoint {ckpt_dir / tag} is not complete (no {COMPLETE})")
+    check_same_model(ckpt_dir / tag, model_config)
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if path is None:

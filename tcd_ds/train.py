@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -32,11 +33,12 @@ import torch
 import torch.distributed as dist
 
 from tcd_ds import checkpoint
-from tcd_ds.config import Config, ConfigError, ModelConfig, build_config, to_dict
+from tcd_ds.config import Config, ConfigError, DataConfig, ModelConfig, build_config, to_dict
+from tcd_ds.data.corpus import is_local_source
 from tcd_ds.data.fallback import is_fallback_vocab, resolve_sources, vocab_falls_back, warn_stderr
 from tcd_ds.data.mlm import mask_tokens, mlm_generator
 from tcd_ds.data.shards import PackedDataset, SampleOrder, build_token_cache, read_index, split_train_val
-from tcd_ds.data.tokenizer import load_tokenizer, special_ids
+from tcd_ds.data.tokenizer import load_tokenizer, resolve_vocab_path, special_ids
 from tcd_ds.dist import Layout, detect_layout, init_distributed
 from tcd_ds.distill.objective import RelationObjective, check_compatible
 from tcd_ds.distill.taps import Taps, tap_points
@@ -295,8 +297,9 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client: dict, model_confi
     error = None
     try:
         path = checkpoint.save(engine, ckpt_dir, step, client, model_config, cfg.train.keep_checkpoints)
-    except OSError as err:
-        error = err
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        free = shutil.disk_usage(ckpt_dir).free / 2 ** 20 if ckpt_dir.exists() else 0.0
+        error = f"{str(err).splitlines()[0]} ({free:.1f} MiB free there)"
     failed = torch.tensor([1.0 if error else 0.0], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
@@ -333,7 +336,10 @@ def train(cfg: Config, layout: Layout, device: torch.device, ds_config: dict, re
     if layout.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    data = build_data(cfg, layout)
+    try:
+        data = build_data(cfg, layout)
+    except (ValueError, OSError) as err:  # an empty or too short corpus, a bad vocab, an unreadable file
+        raise ConfigError(f"data: {err}") from None
     model, model_cfg = build_model(cfg, data.vocab_size)
     teacher, objective = build_teacher(cfg, model_cfg, device)
     engine, optimizer, scheduler = build_engine(cfg, model, ds_config)
@@ -345,7 +351,7 @@ def train(cfg: Config, layout: Layout, device: torch.device, ds_config: dict, re
         for reason in skipped:
             print(f"resume: skipped {reason}", file=sys.stderr) if layout.is_main else None
         if tag is not None:
-            client = checkpoint.resume(engine, ckpt_dir, tag, layout.rank)
+            client = checkpoint.resume(engine, ckpt_dir, tag, layout.rank, config_to_hf(model_cfg))
             step, tokens = client["step"], client["tokens"]
             if layout.is_main:
                 print(f"resume: from {ckpt_dir / tag} (step {step})", file=sys.stderr)
@@ -378,101 +384,103 @@ def train(cfg: Config, layout: Layout, device: torch.device, ds_config: dict, re
     def save(at: int) -> Path:
         return save_checkpoint(engine, ckpt_dir, at, {"step": at, "tokens": tokens}, model_config, cfg, device)
 
-    engine.train()
-    while step < cfg.train.max_steps:
-        step_start = time.perf_counter()
-        optimizer.begin_step()
-        sums: dict[str, float] = {}
-        sample_sum, bad_terms = 0, []  # sample_sum: a checksum of this rank's samples (resume must match it)
-        for micro in range(cfg.train.grad_accum):
-            indices = data.order.batch_indices(step, micro, layout.rank)
-            batch = make_batch(data, data.train, indices, cfg.seed, step, layout.rank, micro,
-                               cfg.data.mlm_probability, device)
-            loss, parts, out = forward_loss(engine, batch, taps, teacher, objective, inject.get(step + 1))
-            bad = nonfinite_terms(parts, device)
-            if bad:  # skipped on every rank: back-propagate an exact zero, and the optimizer step is a no-op
-                bad_terms += [t for t in bad if t not in bad_terms]
-                optimizer.skip_requested = True
-                loss = sum((p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad),
-                           torch.zeros((), device=device))
-            engine.backward(loss)
-            engine.step()
-            if not bad:
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / cfg.train.grad_accum
-            window_tokens += int(batch["attention_mask"].sum())
-            sample_sum += int(indices.sum())
-        step += 1
-        total_time += time.perf_counter() - step_start
+    try:
+        engine.train()
+        while step < cfg.train.max_steps:
+            step_start = time.perf_counter()
+            optimizer.begin_step()
+            sums: dict[str, float] = {}
+            sample_sum, bad_terms = 0, []  # sample_sum: a checksum of this rank's samples (resume must match it)
+            for micro in range(cfg.train.grad_accum):
+                indices = data.order.batch_indices(step, micro, layout.rank)
+                batch = make_batch(data, data.train, indices, cfg.seed, step, layout.rank, micro,
+                                   cfg.data.mlm_probability, device)
+                loss, parts, out = forward_loss(engine, batch, taps, teacher, objective, inject.get(step + 1))
+                bad = nonfinite_terms(parts, device)
+                if bad:  # skipped on every rank: back-propagate an exact zero, and the optimizer step is a no-op
+                    bad_terms += [t for t in bad if t not in bad_terms]
+                    optimizer.skip_requested = True
+                    loss = sum((p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad),
+                               torch.zeros((), device=device))
+                engine.backward(loss)
+                engine.step()
+                if not bad:
+                    for k, v in parts.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) / cfg.train.grad_accum
+                window_tokens += int(batch["attention_mask"].sum())
+                sample_sum += int(indices.sum())
+            step += 1
+            total_time += time.perf_counter() - step_start
 
-        # skipped by our guard, or by DeepSpeed's ZeRO optimizer itself (it drops a step whose global
-        # gradient norm is not finite, and then does not advance the LR schedule)
-        if optimizer.skipped or getattr(engine.optimizer, "overflow", False):
-            skipped_total, in_a_row = skipped_total + 1, in_a_row + 1
-            what = ", ".join(bad_terms) or "gradients"
-            monitor.message(f"step {step}: non-finite {what}: step skipped ({in_a_row} in a row)")
-            monitor.scalars(step, {"train/skipped_steps": skipped_total})
-            if in_a_row >= cfg.train.max_nonfinite_steps:
-                raise NonFiniteError(f"stopped at step {step}: {in_a_row} steps in a row had non-finite {what} "
-                                     f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last "
-                                     f"complete checkpoint is under {ckpt_dir}")
-        else:
-            in_a_row = 0
+            # skipped by our guard, or by DeepSpeed's ZeRO optimizer itself (it drops a step whose global
+            # gradient norm is not finite, and then does not advance the LR schedule)
+            if optimizer.skipped or getattr(engine.optimizer, "overflow", False):
+                skipped_total, in_a_row = skipped_total + 1, in_a_row + 1
+                what = ", ".join(bad_terms) or "gradients"
+                monitor.message(f"step {step}: non-finite {what}: step skipped ({in_a_row} in a row)")
+                monitor.scalars(step, {"train/skipped_steps": skipped_total})
+                if in_a_row >= cfg.train.max_nonfinite_steps:
+                    raise NonFiniteError(f"stopped at step {step}: {in_a_row} steps in a row had non-finite {what} "
+                                         f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last "
+                                         f"complete checkpoint is under {ckpt_dir}")
+            else:
+                in_a_row = 0
 
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            logged = all_mean(sums, device)
-            elapsed = time.perf_counter() - window_start
-            window = all_mean({"tokens": window_tokens}, device)["tokens"] * layout.world_size
-            tokens += int(window)
-            tps = window / elapsed
-            logged.update({"lr": scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                           "tokens_per_second": tps, "tokens": tokens, "skipped_steps": skipped_total})
-            if peak:
-                logged["mfu"] = fpt * tps / (peak * layout.world_size)
-            monitor.scalars(step, {("train/" + k if "/" not in k else k): v for k, v in logged.items()})
-            log_expert_load(monitor, step, out.moe_stats)
-            shown = {k: logged[k] for k in ("loss", "mlm", "aux", "L_T", "L_I", "L_A") if k in logged}
-            shown["tok/s"] = tps
-            monitor.progress(step, shown)
-            last = logged
-            metrics.append("train", step, {"samples_rank0": sample_sum,
-                                           **{k: v for k, v in logged.items() if "/" not in k}})
-            window_tokens, window_start = 0, time.perf_counter()
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                logged = all_mean(sums, device)
+                elapsed = time.perf_counter() - window_start
+                window = all_mean({"tokens": window_tokens}, device)["tokens"] * layout.world_size
+                tokens += int(window)
+                tps = window / elapsed
+                logged.update({"lr": scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                               "tokens_per_second": tps, "tokens": tokens})
+                if peak:
+                    logged["mfu"] = fpt * tps / (peak * layout.world_size)
+                monitor.scalars(step, {("train/" + k if "/" not in k else k): v for k, v in logged.items()})
+                log_expert_load(monitor, step, out.moe_stats)
+                shown = {k: logged[k] for k in ("loss", "mlm", "aux", "L_T", "L_I", "L_A") if k in logged}
+                shown["tok/s"] = tps
+                monitor.progress(step, shown)
+                last = logged
+                metrics.append("train", step, {"samples_rank0": sample_sum,
+                                               **{k: v for k, v in logged.items() if "/" not in k}})
+                window_tokens, window_start = 0, time.perf_counter()
 
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-            metrics.append("eval", step, run_evals(engine, data, cfg, layout, device, monitor, step))
-        if stop.agreed(device):
-            interrupted = True
-            save(step)
-            monitor.message(f"signal {stop.signal}: saved step {step}; exiting with status {REQUEUE_EXIT} (requeue)")
-            break
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
-            save(step)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+                metrics.append("eval", step, run_evals(engine, data, cfg, layout, device, monitor, step))
+            if stop.agreed(device):
+                interrupted = True
+                save(step)
+                monitor.message(f"signal {stop.signal}: saved step {step}; exiting with status {REQUEUE_EXIT} (requeue)")
+                break
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
+                save(step)
 
-    summary = {"mode": cfg.mode, "steps": step, "tokens": tokens, "interrupted": interrupted}
-    if not interrupted:
-        evals = run_evals(engine, data, cfg, layout, device, monitor, step)
-        metrics.append("eval", step, evals)
-        final = save(step)
+        summary = {"mode": cfg.mode, "steps": step, "tokens": tokens, "interrupted": interrupted}
+        if not interrupted:
+            evals = run_evals(engine, data, cfg, layout, device, monitor, step)
+            metrics.append("eval", step, evals)
+            final = save(step)
+            if layout.is_main:
+                checkpoint.export_checkpoint(final, run_dir / "export")
+                tok_file = Path(cfg.data.vocab)
+                if tok_file.is_file():
+                    (run_dir / "export" / "vocab.txt").write_bytes(tok_file.read_bytes())
+            summary.update(eval=evals)
+        summary.update({
+            "final_loss": last.get("loss"), "final_mlm_loss": last.get("mlm"), "final_aux_loss": last.get("aux"),
+            "loss_T": last.get("L_T"), "loss_I": last.get("L_I"), "loss_A": last.get("L_A"),
+            "tokens_per_second": last.get("tokens_per_second"), "mfu": last.get("mfu"),
+            "step_time_s": total_time / max(1, step - monitor.start_step), "world_size": layout.world_size,
+            "parameters": num_parameters(model), "active_parameters": num_parameters(model, active=True),
+            "history": metrics.read("train"), "eval_history": metrics.read("eval"),
+        })
         if layout.is_main:
-            checkpoint.export_checkpoint(final, run_dir / "export")
-            tok_file = Path(cfg.data.vocab)
-            if tok_file.is_file():
-                (run_dir / "export" / "vocab.txt").write_bytes(tok_file.read_bytes())
-        summary.update(eval=evals)
-    summary.update({
-        "final_loss": last.get("loss"), "final_mlm_loss": last.get("mlm"), "final_aux_loss": last.get("aux"),
-        "loss_T": last.get("L_T"), "loss_I": last.get("L_I"), "loss_A": last.get("L_A"),
-        "tokens_per_second": last.get("tokens_per_second"), "mfu": last.get("mfu"),
-        "step_time_s": total_time / max(1, step - monitor.start_step), "world_size": layout.world_size,
-        "parameters": num_parameters(model), "active_parameters": num_parameters(model, active=True),
-        "history": metrics.read("train"), "eval_history": metrics.read("eval"),
-    })
-    if layout.is_main:
-        checkpoint._write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    monitor.close()
-    if taps:
-        taps.remove()
+            checkpoint._write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    finally:  # events written so far reach the disk, also when the run stops on an error
+        monitor.close()
+        if taps:
+            taps.remove()
     return summary
 
 
@@ -510,6 +518,17 @@ def main(argv: list[str] | None = None) -> dict:
             if vocab_falls_back(cfg.data.vocab):  # the fallback vocab's size is known after build_data
                 student = dataclasses.replace(student, vocab_size=teacher_cfg.vocab_size)
             check_compatible(student, teacher_cfg, cfg.distill)
+        # missing or malformed data inputs: one line, before any compute (a missing *default* path
+        # falls back to bundled text instead, see data/fallback.py)
+        if cfg.data.corpus != DataConfig().corpus:
+            is_local_source(cfg.data.corpus)  # raises for a missing path; False for a hub name
+        if cfg.data.vocab != DataConfig().vocab or Path(cfg.data.vocab).exists():
+            if resolve_vocab_path(cfg.data.vocab) is not None:  # None: a hub tokenizer name
+                load_tokenizer(cfg.data.vocab)
+        if args.resume == "auto":  # a changed model shape is refused before any compute
+            tag, _ = checkpoint.find_latest(Path(cfg.run_dir) / "checkpoints")
+            if tag is not None:
+                checkpoint.check_same_model(Path(cfg.run_dir) / "checkpoints" / tag, config_to_hf(cfg.student_model()))
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

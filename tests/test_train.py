@@ -1,13 +1,10 @@
-"""The trainer end to end: 2 CPU ranks under the deepspeed launcher, ZeRO-2, expert parallelism;
-resume after a kill -9 reproduces the uninterrupted run; bad input fails before any compute."""
+"""The trainer end to end: 2 CPU ranks under the deepspeed launcher, ZeRO-2, expert parallelism, and
+bad input refused before any compute (resume and faults: test_reliability.py)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,33 +14,7 @@ from tcd_ds.config import ModelConfig
 from tcd_ds.model.bert import BertForMaskedLM
 from tcd_ds.model.hf import save_pretrained
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def quick(shared: Path, cache: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
-    """Overrides for a run of a few steps on a small slice of the real corpus."""
-    d = shared
-    return [f"data.corpus={d / 'wikipedia-en-2015'}", f"data.vocab={d / 'vocab' / 'bert-base-uncased-vocab.txt'}",
-            f"data.eval_corpora=wikitext2={d / 'wikitext-2' / 'wiki.test.raw'},gutenberg={d / 'gutenberg-novels'}",
-            "data.max_documents=40", "data.eval_max_sequences=16", f"data.cache_dir={cache}",
-            f"train.max_steps={steps}", "train.log_every=1", "train.eval_every=0", "train.eval_batches=1",
-            "train.micro_batch_size=8", "train.warmup_steps=2", f"run_dir={run_dir}", *extra]
-
-
-def launch(args: list[str], log: Path, ranks: int = 2, timeout: float = 400) -> subprocess.CompletedProcess:
-    cmd = ["deepspeed", "--num_accelerators", str(ranks), "--master_port", str(_port()), "tcd_ds/train.py", *args]
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
-    return proc
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from trainer_utils import REPO, launch, quick
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
@@ -98,47 +69,6 @@ def test_tcd_two_ranks_zero2_expert_parallel(shared_data, cache, teacher_dir, tm
 
     cfg, sd = read_pretrained(run / "export")
     assert cfg.moe.num_experts == 8 and sd["bert.encoder.layer.1.moe.experts.w1"].shape == (8, 64, 256)
-
-
-def _run_until_checkpoint(args: list[str], log: Path, ckpt: Path, timeout: float = 300) -> None:
-    """Start a 2-rank run and kill -9 its whole process group once `ckpt` is complete."""
-    cmd = ["deepspeed", "--num_accelerators", "2", "--master_port", str(_port()), "tcd_ds/train.py", *args]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + timeout
-        try:
-            while not (ckpt / "complete.json").is_file():
-                assert proc.poll() is None, f"run ended before {ckpt.name}: {log.read_text()[-2000:]}"
-                assert time.time() < deadline, "timed out waiting for the checkpoint"
-                time.sleep(0.05)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def test_resume_after_kill_matches_uninterrupted_run(shared_data, cache, tmp_path):
-    base = ["--config", "tiny", "--mode", "moe", "--deepspeed_config", "ds_configs/cpu_zero2.json"]
-    moe = ["model.moe.backend=deepspeed", "model.moe.ep_size=2", "model.moe.num_experts=4", "model.moe.jitter=0.1",
-           "model.moe.capacity_factor=1.0"]
-    straight = tmp_path / "straight"
-    proc = launch(base + quick(shared_data, cache, straight, 8, *moe), tmp_path / "a.txt")
-    assert proc.returncode == 0, (tmp_path / "a.txt").read_text()[-3000:]
-
-    resumed = tmp_path / "resumed"
-    args = base + quick(shared_data, cache, resumed, 8, *moe, "train.save_every=4")
-    _run_until_checkpoint(args, tmp_path / "b1.txt", resumed / "checkpoints" / "step_00000004")
-    proc = launch(args, tmp_path / "b2.txt")
-    log = (tmp_path / "b2.txt").read_text()
-    assert proc.returncode == 0, log[-3000:]
-    assert "resume: from" in log and "(step 4)" in log  # the only complete checkpoint before the kill
-    a = {h["step"]: h for h in json.loads((straight / "summary.json").read_text())["history"]}
-    # metrics.jsonl keeps the last line per step: steps 5-8 come from the resumed process
-    b = {h["step"]: h for h in json.loads((resumed / "summary.json").read_text())["history"]}
-    assert sorted(a) == sorted(b) == list(range(1, 9))
-    for step in range(1, 9):
-        assert b[step]["samples_rank0"] == a[step]["samples_rank0"], step
-        for key in ("loss", "mlm", "aux", "balance", "dropped"):
-            assert abs(b[step][key] - a[step][key]) <= 1e-6, (step, key, a[step][key], b[step][key])
 
 
 @pytest.mark.parametrize("override,message", [

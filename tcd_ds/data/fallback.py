@@ -42,7 +42,7 @@ from pathlib import Path
 
 from .corpus import is_local_source, iter_documents
 from .shards import _file_lock
-from .tokenizer import REQUIRED_SPECIAL_TOKENS, VOCAB_FILENAME, _resolve_vocab_path
+from .tokenizer import REQUIRED_SPECIAL_TOKENS, VOCAB_FILENAME, resolve_vocab_path
 
 FALLBACK_VOCAB_SIZE = 8192  # an upper bound: the trainer stops when no pair occurs min_frequency times
 VOCAB_MIN_FREQUENCY = 2
@@ -215,7 +215,7 @@ def resolve_sources(corpus: str, vocab: str, cache_dir: str,
         if not corpus_missing:
             is_local_source(corpus)
         if not vocab_missing:
-            _resolve_vocab_path(vocab)
+            resolve_vocab_path(vocab)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{exc} (an explicit data path: no fallback is used for it)") from None
     say = warn or (lambda message: None)

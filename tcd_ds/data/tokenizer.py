@@ -73,7 +73,7 @@ def read_vocab(path: str | os.PathLike[str]) -> dict[str, int]:
     return vocab
 
 
-def _resolve_vocab_path(name_or_path: str) -> Path | None:
+def resolve_vocab_path(name_or_path: str) -> Path | None:
     """The vocab file ``name_or_path`` points at, ``None`` if it is not a local path."""
     p = Path(name_or_path).expanduser()
     if p.is_dir():
@@ -97,7 +97,7 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], do_lower_case: bool = T
       (e.g. offline) become one ``OSError`` line naming the tokenizer.
     """
     name = os.fspath(name_or_path)
-    vocab_path = _resolve_vocab_path(name)
+    vocab_path = resolve_vocab_path(name)
     if vocab_path is not None:
         from transformers import BertTokenizerFast
 
