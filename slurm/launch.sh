@@ -102,3 +102,37 @@ tcd_srun_requeueable() {
     fi
     return "$rc"
 }
+
+# tcd_train RECIPE MODE [key=value ...]: the body of every pre-training sbatch script.
+#   Environment (all optional): TCD_RECIPE / TCD_MODE override the script's recipe and mode;
+#   TCD_RUN_DIR (default runs/<job name>-<job id>: stable across requeues, so the rerun resumes);
+#   TCD_CPU=1 (CPU-only cluster: gloo, ds_configs/cpu_zero2.json); TCD_DS_CONFIG; TCD_OVERRIDES
+#   (extra key=value pairs, space-separated); TCD_LAUNCHER=srun (default: one task per GPU, ranks
+#   from SLURM_PROCID/LOCALID/NTASKS, no ssh) or deepspeed (a hostfile from the allocation and
+#   `deepspeed --launcher slurm`, which also starts the ranks with srun); TCD_PYTHON.
+tcd_train() {
+    local recipe="${TCD_RECIPE:-${1:?tcd_train RECIPE MODE}}" mode="${TCD_MODE:-${2:?tcd_train RECIPE MODE}}"
+    shift 2
+    local repo="${TCD_REPO:-$SLURM_SUBMIT_DIR}" python="${TCD_PYTHON:-python}" ds_config
+    local run_dir="${TCD_RUN_DIR:-runs/${SLURM_JOB_NAME:-tcd}-${SLURM_JOB_ID}}"
+    if [ "${TCD_CPU:-0}" = 1 ]; then
+        ds_config="${TCD_DS_CONFIG:-ds_configs/cpu_zero2.json}"
+    else
+        ds_config="${TCD_DS_CONFIG:-ds_configs/gpu_zero2_bf16.json}"
+    fi
+    cd "$repo" || return 1
+    mkdir -p "$run_dir"
+    tcd_export_dist_env || return 1
+    echo "tcd: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}): ${recipe}/${mode} on ${SLURM_NTASKS} ranks" \
+         "(${SLURM_JOB_NODELIST}), master ${MASTER_ADDR}:${MASTER_PORT}; watch: tensorboard --logdir ${run_dir}/tensorboard" >&2
+    # shellcheck disable=SC2206  # TCD_OVERRIDES is a space-separated list of key=value words
+    local args=(--config "$recipe" --mode "$mode" --deepspeed_config "$ds_config" "run_dir=$run_dir" "$@" ${TCD_OVERRIDES:-})
+    if [ "${TCD_LAUNCHER:-srun}" = deepspeed ]; then
+        tcd_write_hostfile "$run_dir/hostfile"
+        tcd_srun_requeueable deepspeed --hostfile "$run_dir/hostfile" --launcher slurm \
+            --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" tcd_ds/train.py "${args[@]}"
+    else
+        tcd_srun_requeueable srun --kill-on-bad-exit=1 bash -c \
+            'source slurm/launch.sh && tcd_rank_env && exec "$0" -u tcd_ds/train.py "$@"' "$python" "${args[@]}"
+    fi
+}

@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -333,6 +334,9 @@ class StopRequest:
 
 def train(cfg: Config, layout: Layout, device: torch.device, ds_config: dict, resume: str) -> dict:
     run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
+    node = os.environ.get("SLURMD_NODENAME", socket.gethostname())
+    print(f"rank {layout.rank}/{layout.world_size} (local {layout.local_rank}) on {node}, device {device}, "
+          f"launcher {layout.launcher}", file=sys.stderr, flush=True)
     if layout.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")

@@ -57,8 +57,10 @@ Preemption / requeue mechanism (verified with Slurm 22.05.8 by tests/test_slurm_
      later requeues; UNSET on the first run) and the same SLURM_JOB_ID, and resumes from the
      checkpoint. Slurm keeps a requeued job pending with Reason=BeginTime for ~120 s (hard-coded;
      measured: eligible 121 s after the requeue, started on the next scheduler pass ~30 s later);
-     ``SlurmCluster.release_begin_time(jid)`` (``scontrol update JobId=<id> StartTime=now``)
-     skips that wait in tests (restarted within ~3 s).
+     ``SlurmCluster.release_begin_time(jid)`` (2 s pause, then ``scontrol update JobId=<id>
+     StartTime=now``) skips that wait in tests (rerun ~3 s after the requeue). Don't release
+     sooner: a rerun started in the same second as the old run's kill fails with "Job credential
+     revoked" (FAILED, no rerun) -- the reason for Slurm's delay; never shortcut it in production.
 """
 from __future__ import annotations
 
@@ -433,8 +435,13 @@ PartitionName={self.partition} Nodes=n[{first}-{last}] Default=YES MaxTime=INFIN
         raise TimeoutError(f"job {job_id} not in {sorted(want)} after {timeout}s; last: "
                            f"{info.get('JobState')} reason={info.get('Reason')}\n{info}\n{self.logs()}")
 
-    def release_begin_time(self, job_id: int | str) -> None:
-        """Make a (requeued) pending job eligible now: Slurm delays requeued jobs ~120 s."""
+    def release_begin_time(self, job_id: int | str, settle: float = 2.0) -> None:
+        """Make a requeued pending job eligible now instead of ~120 s after the requeue.
+
+        Sleeps ``settle`` seconds first: slurmd revokes the old run's credential with a
+        1-second-resolution timestamp, and a rerun launched within that same second dies with
+        "Killing non-startable batch JobId=..: Job credential revoked" -> FAILED (seen here)."""
+        time.sleep(settle)
         self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
     def node_states(self) -> dict[str, str]:

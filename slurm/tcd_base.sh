@@ -1,0 +1,15 @@
+#!/bin/bash
+#SBATCH --job-name=tcd_base
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+# TCD pre-training at the paper's base size (hidden 768, 12 layers): TCD_TEACHER=<teacher run dir> sbatch slurm/tcd_base.sh
+# Switches (TCD_CPU=1, TCD_RUN_DIR, TCD_OVERRIDES, ...): tcd_train in slurm/launch.sh; README: Clusters.
+source "${TCD_REPO:-$SLURM_SUBMIT_DIR}/slurm/launch.sh"
+tcd_train base tcd "teacher.path=${TCD_TEACHER:?set TCD_TEACHER to the vanilla teacher run dir}"

@@ -1,0 +1,89 @@
+"""`sbatch slurm/tcd_large.sh` on a real 2-node Slurm cluster (one host, CPU mode, tiny model):
+the job trains on two ranks on two nodes; USR1 makes every rank save, the job is requeued and the
+rerun resumes from the saved step."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (module-scoped fixture)
+from tcd_ds.config import ModelConfig
+from tcd_ds.model.bert import BertForMaskedLM
+from tcd_ds.model.hf import save_pretrained
+from trainer_utils import REPO, quick
+
+# the large recipe's script with a tiny model: 2 ranks, expert parallelism over both nodes
+TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=256",
+        "model.max_position=128", "model.moe.num_experts=4", "model.moe.ep_size=2", "data.max_seq_len=64",
+        "train.lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256, max_position=128)
+    out = tmp_path_factory.mktemp("teacher")
+    save_pretrained(BertForMaskedLM(cfg), cfg, out)
+    return out
+
+
+def submit(c: SlurmCluster, shared: Path, tmp: Path, teacher: Path, steps: int, *extra: str) -> tuple[int, Path]:
+    run = tmp / "run"
+    overrides = [o for o in quick(shared, tmp / "cache", run, steps) if not o.startswith("run_dir=")] + TINY
+    env = {"TCD_CPU": "1", "TCD_TEACHER": str(teacher), "TCD_RUN_DIR": str(run),
+           "TCD_OVERRIDES": " ".join(overrides + list(extra))}
+    jid = c.sbatch(REPO / "slurm" / "tcd_large.sh", "-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0",
+                   "--cpus-per-task=1", "--time=10", "-o", str(tmp / "out.log"), cwd=REPO, env=env)
+    return jid, run
+
+
+def test_sbatch_tcd_large_trains_on_two_nodes(slurm_cluster, shared_data, teacher, tmp_path):
+    c = slurm_cluster
+    start = time.time()
+    jid, run = submit(c, shared_data, tmp_path, teacher, 12)
+    info = c.wait(jid, timeout=300)
+    out = (tmp_path / "out.log").read_text()
+    assert info["JobState"] == "COMPLETED", (info, out[-4000:], c.logs())
+    print(f"job {jid}: 2-node run took {time.time() - start:.1f} s")
+    assert "rank 0/2" in out and "rank 1/2" in out
+    assert {line.split(" on ")[1].split(",")[0] for line in out.splitlines() if line.startswith("rank ")} == {"n1", "n2"}
+    assert "launcher deepspeed/torchrun" in out or "launcher slurm" in out
+    assert "memory plan per rank (GiB):" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 12 and summary["mode"] == "tcd"
+    losses = [h["mlm"] for h in summary["history"]]
+    assert all(x == x and abs(x) < 1e6 for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    assert (run / "checkpoints" / "step_00000012" / "complete.json").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "export" / "model.safetensors").is_file()
+
+
+def test_usr1_saves_requeues_and_resumes(slurm_cluster, shared_data, teacher, tmp_path):
+    c = slurm_cluster
+    jid, run = submit(c, shared_data, tmp_path, teacher, 40)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and metrics.read_text().count('"kind": "train"') >= 3):
+        assert c.job_state(jid).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), \
+            (c.job_state(jid), (tmp_path / "out.log").read_text()[-3000:] if (tmp_path / "out.log").exists() else "")
+        assert time.time() < deadline, "the job did not reach step 3"
+        time.sleep(0.2)
+    c.run(["scancel", "--signal=USR1", "--batch", str(jid)])
+    info = c.wait(jid, states=("PENDING", "COMPLETED", "FAILED"), timeout=120)
+    assert info["Restarts"] == "1", (info, (tmp_path / "out.log").read_text()[-4000:])
+    if info["JobState"] == "PENDING":
+        c.release_begin_time(jid)  # skip Slurm's ~120 s hold on requeued jobs
+    info = c.wait(jid, timeout=300)
+    out = (tmp_path / "out.log").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, out[-4000:])
+    saved = int(out.split("signal 10: saved step ")[1].split(";")[0])
+    assert 3 <= saved < 40
+    assert f"resume: from {run / 'checkpoints' / f'step_{saved:08d}'} (step {saved})" in out
+    assert "requeueing job" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 40 and sorted(h["step"] for h in summary["history"]) == list(range(1, 41))
