@@ -129,7 +129,7 @@ tcd_train() {
     local args=(--config "$recipe" --mode "$mode" --deepspeed_config "$ds_config" "run_dir=$run_dir" "$@" ${TCD_OVERRIDES:-})
     if [ "${TCD_LAUNCHER:-srun}" = deepspeed ]; then
         tcd_write_hostfile "$run_dir/hostfile"
-        tcd_srun_requeueable deepspeed --hostfile "$run_dir/hostfile" --launcher slurm \
+        tcd_srun_requeueable deepspeed --hostfile "$run_dir/hostfile" --launcher slurm --no_ssh_check \
             --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" tcd_ds/train.py "${args[@]}"
     else
         tcd_srun_requeueable srun --kill-on-bad-exit=1 bash -c \

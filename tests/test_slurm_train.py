@@ -87,3 +87,21 @@ def test_usr1_saves_requeues_and_resumes(slurm_cluster, shared_data, teacher, tm
     assert "requeueing job" in out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 40 and sorted(h["step"] for h in summary["history"]) == list(range(1, 41))
+
+
+def test_deepspeed_hostfile_launcher_path(slurm_cluster, shared_data, tmp_path):
+    """TCD_LAUNCHER=deepspeed: a hostfile from the allocation and `deepspeed --launcher slurm` (no ssh)."""
+    c = slurm_cluster
+    run = tmp_path / "run"
+    overrides = [o for o in quick(shared_data, tmp_path / "cache", run, 4) if not o.startswith("run_dir=")] + TINY
+    env = {"TCD_CPU": "1", "TCD_MODE": "moe", "TCD_LAUNCHER": "deepspeed", "TCD_RUN_DIR": str(run),
+           "TCD_OVERRIDES": " ".join(overrides)}
+    jid = c.sbatch(REPO / "slurm" / "teacher_large.sh", "-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0",
+                   "--cpus-per-task=1", "--time=10", "-o", str(tmp_path / "out.log"), cwd=REPO, env=env)
+    info = c.wait(jid, timeout=300)
+    out = (tmp_path / "out.log").read_text()
+    assert info["JobState"] == "COMPLETED", (info, out[-4000:])
+    assert (run / "hostfile").read_text() == "n1 slots=1\nn2 slots=1\n"
+    assert "rank 1/2 (local 0) on n2, device cpu, launcher slurm" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["mode"] == "moe" and summary["steps"] == 4
