@@ -21,3 +21,23 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def vocab_file(shared_data: Path) -> Path:
     return shared_data / "vocab" / "bert-base-uncased-vocab.txt"
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A vanilla BERT of the tiny recipe's shape with random weights, saved as a model directory
+    (for tests of the plumbing around the teacher, not of what it knows)."""
+    import torch
+
+    from tcd_ds.config import ModelConfig
+    from tcd_ds.model.bert import BertForMaskedLM
+    from tcd_ds.model.hf import save_pretrained
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256, max_position=128)
+    out = tmp_path_factory.mktemp("teacher")
+    save_pretrained(BertForMaskedLM(cfg), cfg, out)
+    return out
+
+
+from slurm_cluster import slurm_cluster  # noqa: E402,F401  (the module-scoped 2-node Slurm fixture)

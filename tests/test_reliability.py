@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -130,18 +129,11 @@ def read_scalars(tb_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256, max_position=128)
-    out = tmp_path_factory.mktemp("teacher")
-    save_pretrained(BertForMaskedLM(cfg), cfg, out)
-    return out
 
 
-def test_nonfinite_steps_are_skipped_then_the_run_stops(shared_data, cache, teacher_dir, tmp_path):
+def test_nonfinite_steps_are_skipped_then_the_run_stops(shared_data, cache, tiny_teacher, tmp_path):
     run = tmp_path / "run"
-    args = BASE + ["--mode", "tcd"] + quick(shared_data, cache, run, 10, *SMALL_MOE, f"teacher.path={teacher_dir}",
+    args = BASE + ["--mode", "tcd"] + quick(shared_data, cache, run, 10, *SMALL_MOE, f"teacher.path={tiny_teacher}",
                                             "train.max_nonfinite_steps=2", "train.save_every=1",
                                             "train.keep_checkpoints=10")
     # step 2: NaN MLM loss (skipped, then recovered); steps 4 and 5: NaN relation loss T -> stop at 5

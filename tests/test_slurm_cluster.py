@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import slurm_cluster as sc
-from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (fixture)
+from slurm_cluster import SlurmCluster
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_ENV = {"TCD_REPO": str(REPO)}

@@ -7,13 +7,8 @@ import json
 import time
 from pathlib import Path
 
-import pytest
-import torch
 
-from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (module-scoped fixture)
-from tcd_ds.config import ModelConfig
-from tcd_ds.model.bert import BertForMaskedLM
-from tcd_ds.model.hf import save_pretrained
+from slurm_cluster import SlurmCluster
 from trainer_utils import REPO, quick
 
 # the large recipe's script with a tiny model: 2 ranks, expert parallelism over both nodes
@@ -22,29 +17,22 @@ TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "mode
         "train.lr=3e-3"]
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256, max_position=128)
-    out = tmp_path_factory.mktemp("teacher")
-    save_pretrained(BertForMaskedLM(cfg), cfg, out)
-    return out
 
 
-def submit(c: SlurmCluster, shared: Path, tmp: Path, teacher: Path, steps: int, *extra: str) -> tuple[int, Path]:
+def submit(c: SlurmCluster, shared: Path, tmp: Path, tiny_teacher: Path, steps: int, *extra: str) -> tuple[int, Path]:
     run = tmp / "run"
     overrides = [o for o in quick(shared, tmp / "cache", run, steps) if not o.startswith("run_dir=")] + TINY
-    env = {"TCD_CPU": "1", "TCD_TEACHER": str(teacher), "TCD_RUN_DIR": str(run),
+    env = {"TCD_CPU": "1", "TCD_TEACHER": str(tiny_teacher), "TCD_RUN_DIR": str(run),
            "TCD_OVERRIDES": " ".join(overrides + list(extra))}
     jid = c.sbatch(REPO / "slurm" / "tcd_large.sh", "-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0",
                    "--cpus-per-task=1", "--time=10", "-o", str(tmp / "out.log"), cwd=REPO, env=env)
     return jid, run
 
 
-def test_sbatch_tcd_large_trains_on_two_nodes(slurm_cluster, shared_data, teacher, tmp_path):
+def test_sbatch_tcd_large_trains_on_two_nodes(slurm_cluster, shared_data, tiny_teacher, tmp_path):
     c = slurm_cluster
     start = time.time()
-    jid, run = submit(c, shared_data, tmp_path, teacher, 12)
+    jid, run = submit(c, shared_data, tmp_path, tiny_teacher, 12)
     info = c.wait(jid, timeout=300)
     out = (tmp_path / "out.log").read_text()
     assert info["JobState"] == "COMPLETED", (info, out[-4000:], c.logs())
@@ -63,9 +51,9 @@ def test_sbatch_tcd_large_trains_on_two_nodes(slurm_cluster, shared_data, teache
     assert (run / "export" / "model.safetensors").is_file()
 
 
-def test_usr1_saves_requeues_and_resumes(slurm_cluster, shared_data, teacher, tmp_path):
+def test_usr1_saves_requeues_and_resumes(slurm_cluster, shared_data, tiny_teacher, tmp_path):
     c = slurm_cluster
-    jid, run = submit(c, shared_data, tmp_path, teacher, 40)
+    jid, run = submit(c, shared_data, tmp_path, tiny_teacher, 40)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.is_file() and metrics.read_text().count('"kind": "train"') >= 3):

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from tcd_ds.config import ModelConfig
 from tcd_ds.model.bert import BertForMaskedLM
@@ -21,14 +20,6 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("token_cache")
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    """A vanilla BERT of the tiny recipe's shape (random weights: the plumbing is under test here)."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256, max_position=128)
-    out = tmp_path_factory.mktemp("teacher")
-    save_pretrained(BertForMaskedLM(cfg), cfg, out)
-    return out
 
 
 def read_scalars(tb_dir: Path) -> dict[str, list[float]]:
@@ -39,10 +30,10 @@ def read_scalars(tb_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def test_tcd_two_ranks_zero2_expert_parallel(shared_data, cache, teacher_dir, tmp_path):
+def test_tcd_two_ranks_zero2_expert_parallel(shared_data, cache, tiny_teacher, tmp_path):
     run = tmp_path / "tcd"
     args = ["--config", "tiny", "--mode", "tcd", "--deepspeed_config", "ds_configs/cpu_zero2.json",
-            *quick(shared_data, cache, run, 12, f"teacher.path={teacher_dir}", "model.moe.backend=deepspeed",
+            *quick(shared_data, cache, run, 12, f"teacher.path={tiny_teacher}", "model.moe.backend=deepspeed",
                    "model.moe.ep_size=2", "model.moe.num_experts=8", "train.lr=3e-3")]
     proc = launch(args, tmp_path / "log.txt")
     log = (tmp_path / "log.txt").read_text()
