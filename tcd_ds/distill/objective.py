@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from tcd_ds.config import DistillConfig, ModelConfig
-from tcd_ds.distill.relation import relation_loss, uniform_layer_map
+from tcd_ds.distill.relation import relation_losses, uniform_layer_map
 from tcd_ds.distill.taps import Key
 from tcd_ds.model.hf import CheckpointError
 
@@ -42,19 +42,27 @@ class RelationObjective:
 
     def __call__(self, student: dict[Key, torch.Tensor], teacher: dict[Key, torch.Tensor],
                  mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Returns (sum_p weight_p * L_p, terms) with terms 'T', 'I', 'A' and e.g. 'T/3', 'A/2/q'."""
-        per_position: dict[str, list[torch.Tensor]] = {p: [] for p in self.cfg.positions}
-        terms: dict[str, torch.Tensor] = {}
-        for (position, layer, name), s in student.items():
-            t = teacher[(position, self.layer_map[layer], name)]
-            loss = relation_loss(s, t, mask, form=self.cfg.form, tau=self.cfg.tau, impl=self.cfg.impl)
-            per_position[position].append(loss)
-            terms[f"{position}/{layer}" + ("" if name == "out" else f"/{name}")] = loss.detach()
-        total = mask.new_zeros((), dtype=torch.float32)
-        for position, losses in per_position.items():
-            if not losses:
+        """Returns (sum_p weight_p * L_p, terms) with terms 'T', 'I', 'A' and e.g. 'T/3', 'A/2/q'.
+
+        All pairs go to one `relation_losses` call, which stacks the same-shape pairs (every T and I
+        tap of all layers; every Q/K/V tap) into one batched computation each; the values are those
+        of one `relation_loss` call per pair."""
+        keys = list(student)
+        for position in self.cfg.positions:
+            if not any(k[0] == position for k in keys):
                 raise ValueError(f"no student taps captured for position {position}")
-            mean = torch.stack(losses).mean()
+        pairs_t = [teacher[(position, self.layer_map[layer], name)] for position, layer, name in keys]
+        losses = relation_losses([student[k] for k in keys], pairs_t, mask, form=self.cfg.form, tau=self.cfg.tau,
+                                 impl=self.cfg.impl)
+        detached = losses.detach()
+        terms: dict[str, torch.Tensor] = {}
+        rows: dict[str, list[int]] = {p: [] for p in self.cfg.positions}
+        for i, (position, layer, name) in enumerate(keys):
+            rows[position].append(i)
+            terms[f"{position}/{layer}" + ("" if name == "out" else f"/{name}")] = detached[i]
+        total = mask.new_zeros((), dtype=torch.float32)
+        for position, idx in rows.items():
+            mean = losses[idx].mean() if len(idx) < len(keys) else losses.mean()
             terms[position] = mean.detach()
             total = total + self.cfg.weight(position) * mean
         return total, terms

@@ -138,7 +138,7 @@ class MoELayer(nn.Module):
         x = x.reshape(-1, shape[-1])
         routing = self.router(x)
         plan = plan_dispatch(routing, self.cfg.num_experts, capacity(x.shape[0], self.cfg, self.training))
-        out = self.experts(x[plan.token], plan.expert, plan.counts)
+        out = self.experts(x.index_select(0, plan.token), plan.expert, plan.counts)  # backward: index_add
         y = torch.zeros_like(x).index_add_(0, plan.token, out * plan.gate.to(out.dtype)[:, None])
         return y.reshape(shape), router_stats(routing, self.cfg, plan.dropped)
 

@@ -25,8 +25,8 @@ class GroupedExperts(Experts):
 
     def forward(self, x: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        h = F.gelu(F.grouped_mm(x, self.w1, offs=offs) + self.b1[expert])
-        out = F.grouped_mm(h, self.w2, offs=offs) + self.b2[expert]
+        h = F.gelu(F.grouped_mm(x, self.w1, offs=offs) + self.b1.index_select(0, expert))
+        out = F.grouped_mm(h, self.w2, offs=offs) + self.b2.index_select(0, expert)
         if out.requires_grad:  # grouped_mm's backward rejects stride-0 (expanded) gradients
             out.register_hook(lambda g: g.contiguous())
         return out
