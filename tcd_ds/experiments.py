@@ -24,7 +24,6 @@ since it finished is refused (use another --out); a fine-tuning unit is re-run (
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import difflib
 import json
@@ -36,7 +35,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import yaml
 
@@ -49,6 +49,8 @@ DEFAULTS: dict[str, Any] = {
     "model_recipe": "tiny",  # tcd_ds/recipes/<name>.yaml or a path, for every pre-training run
     "ranks": 1,  # 1: python -m tcd_ds.train; >1: the deepspeed launcher
     "ds_config": "ds_configs/cpu_zero2.json",
+    "threads": 1,  # OMP_NUM_THREADS of every trainer rank and fine-tuning process (0: leave it)
+    "jobs": 1,  # fine-tuning processes at a time
     "out": "",  # default runs/experiments/<recipe name>
     "pretrain": {},  # trainer overrides common to every pre-training run (data, train, seed, ...)
     "teacher": {},  # extra trainer overrides for the teacher only
@@ -57,8 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "trend": {"task": "MRPC", "every": 100, "lrs": [], "seeds": []},  # empty lrs/seeds: glue's
     "glue": {"dir": "../shared/data/glue", "tasks": ["CoLA", "SST-2", "MRPC", "WNLI", "QNLI"],
              "lrs": [1e-4], "seeds": [1, 2, 3], "epochs": 2, "max_train_examples": 0,
-             "max_eval_examples": 0, "batch_size": 32, "max_seq_len": 128, "include_aligned": True,
-             "threads": 0},
+             "max_eval_examples": 0, "batch_size": 32, "max_seq_len": 128, "include_aligned": True},
 }
 LIST_TYPES = {"ablations.positions": str, "ablations.tasks": str, "trend.lrs": float, "trend.seeds": int,
               "glue.tasks": str, "glue.lrs": float, "glue.seeds": int}
@@ -103,7 +104,9 @@ def _coerce(key: str, default: Any, value: Any) -> Any:
 def _unknown(key: str, valid) -> ExperimentError:
     leaf, prefix = key.rsplit(".", 1)[-1], key.rpartition(".")[0]
     close = difflib.get_close_matches(leaf, list(valid), n=1, cutoff=0.5)
-    full = lambda k: f"{prefix}.{k}" if prefix else k  # noqa: E731
+    def full(k: str) -> str:
+        return f"{prefix}.{k}" if prefix else k
+
     hint = f"; did you mean '{full(close[0])}'?" if close else f"; valid: {', '.join(map(full, valid))}"
     return ExperimentError(f"unknown recipe key '{key}'{hint}")
 
@@ -194,8 +197,8 @@ def validate(rc: dict) -> None:
     from tcd_ds.config import ConfigError, build_config
     from tcd_ds.data.glue import GlueDataError, get_task
 
-    if rc["ranks"] < 1:
-        raise ExperimentError(f"ranks must be >= 1, got {rc['ranks']}")
+    if rc["ranks"] < 1 or rc["jobs"] < 1 or rc["threads"] < 0:
+        raise ExperimentError("ranks and jobs must be >= 1, threads >= 0")
     _ds_config(rc["ds_config"])
     a, g, t = rc["align"], rc["glue"], rc["trend"]
     if a["factor"] < 1 or a["every"] < 1:
@@ -224,8 +227,8 @@ def validate(rc: dict) -> None:
     for key in ("epochs", "batch_size", "max_seq_len"):
         if g[key] < 1:
             raise ExperimentError(f"glue.{key} must be >= 1, got {g[key]}")
-    if min(g["max_train_examples"], g["max_eval_examples"], g["threads"], *g["seeds"], *t["seeds"]) < 0:
-        raise ExperimentError("glue.max_*_examples, glue.threads and seeds must be >= 0")
+    if min(g["max_train_examples"], g["max_eval_examples"], *g["seeds"], *t["seeds"]) < 0:
+        raise ExperimentError("glue.max_*_examples and seeds must be >= 0")
     for section in FREE:
         for item in _trainer_overrides(rc[section]):
             if item.split("=", 1)[0] in RESERVED:
@@ -269,7 +272,7 @@ def _free_port() -> int:
 
 
 def fmt_time(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
+    m, s = divmod(round(seconds), 60)
     return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else f"{m}m{s:02d}s"
 
 
@@ -279,6 +282,11 @@ class Pipeline:
         self.t0 = time.perf_counter()
         self.ran, self.skipped = [], []  # unit names
         self.step = ""
+        self.running: list = []  # (process, log file, finish callback) of fine-tuning units
+
+    def env(self) -> dict[str, str]:
+        threads = {"OMP_NUM_THREADS": str(self.rc["threads"])} if self.rc["threads"] else {}
+        return {**os.environ, "PYTHONUNBUFFERED": "1", **threads}
 
     def say(self, text: str) -> None:
         print(f"[{fmt_time(time.perf_counter() - self.t0)}] {text}", flush=True)
@@ -287,8 +295,10 @@ class Pipeline:
         (self.out / self.step).mkdir(parents=True, exist_ok=True)
         return self.out / self.step / name
 
-    def unit(self, directory: Path, fingerprint: Any, work: Callable[[], dict], strict: bool = True) -> dict:
-        """Run `work` unless `directory/done.json` says it was done with this fingerprint."""
+    def unit(self, directory: Path, fingerprint: Any, work: Callable[[], dict | None], strict: bool = True,
+             deferred: bool = False) -> dict | None:
+        """Run `work` unless `directory/done.json` says it was done with this fingerprint. A deferred
+        `work` starts a process (appended to self.running); done.json is written when it ends."""
         name = str(directory.relative_to(self.out))
         done = read_json(directory / "done.json")
         fingerprint = json.loads(json.dumps(fingerprint).replace(str(self.out.resolve()), "<out>"))
@@ -298,26 +308,41 @@ class Pipeline:
             return done
         if done is not None and strict:
             raise ExperimentError(f"{directory} was done with other settings: use another --out or delete it")
+        if deferred:
+            work()  # waits for a free slot, then starts the process
         self.say(f"  {name}: start")
         start = time.perf_counter()
-        info = work() or {}
-        done = {"unit": name, **info, "fingerprint": fingerprint, "seconds": round(time.perf_counter() - start, 2),
-                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        write_json(directory / "done.json", done)
-        self.ran.append(name)
-        self.say(f"  {name}: finished in {fmt_time(done['seconds'])}")
-        return done
+
+        def finished(info: dict) -> dict:
+            done = {"unit": name, **info, "fingerprint": fingerprint, "seconds": round(time.perf_counter() - start, 2),
+                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+            write_json(directory / "done.json", done)
+            self.ran.append(name)
+            self.say(f"  {name}: finished in {fmt_time(done['seconds'])}")
+            return done
+
+        if not deferred:
+            return finished(work() or {})
+        proc, log, finish = self.running[-1]
+        self.running[-1] = (proc, log, lambda p: finished(finish(p)))
+        return None
 
     # --- training ---
 
     def train(self, run_dir: Path, mode: str, extra: list[str], teacher: bool = False) -> dict:
+        from tcd_ds.config import ConfigError, build_config, to_dict
+
         rc = self.rc
         ds = str(_ds_config(rc["ds_config"]))
-        overrides = _trainer_overrides(rc["pretrain"]) + (_trainer_overrides(rc["teacher"]) if teacher else [])
-        args = ["--config", rc["model_recipe"], "--mode", mode, "--deepspeed_config", ds, *overrides, *extra,
-                f"run_dir={run_dir.resolve()}"]
-        given = [x.split("=", 1)[1] for x in args if x.startswith("train.max_steps=")]
-        steps = int(float(given[-1])) if given else rc["_teacher_steps" if teacher else "_steps"]
+        overrides = [*_trainer_overrides(rc["pretrain"]), *(_trainer_overrides(rc["teacher"]) if teacher else []),
+                     *extra, f"run_dir={run_dir.resolve()}"]
+        args = ["--config", rc["model_recipe"], "--mode", mode, "--deepspeed_config", ds, *overrides]
+        try:
+            cfg = build_config(rc["model_recipe"], [f"mode={mode}", *overrides])  # what the trainer will run
+        except ConfigError as err:
+            raise ExperimentError(f"{run_dir}: {err}") from None
+        steps = cfg.train.max_steps
+        fingerprint = {"ranks": rc["ranks"], "config": to_dict(cfg), "ds_config": read_json(ds)}
 
         def work() -> dict:
             summary = read_json(run_dir / "summary.json")
@@ -328,7 +353,7 @@ class Pipeline:
                     raise ExperimentError(f"training {run_dir} stopped before the end; re-run to resume")
             return {"steps": summary["steps"], "eval": summary.get("eval")}
 
-        return self.unit(run_dir, {"ranks": rc["ranks"], "args": args}, work)
+        return self.unit(run_dir, fingerprint, work)
 
     def _launch(self, args: list[str], run_dir: Path) -> None:
         ranks = self.rc["ranks"]
@@ -343,7 +368,7 @@ class Pipeline:
         with open(log, "a") as f:
             f.write(f"\n===== {time.strftime('%H:%M:%S')} {run_dir}\n$ {' '.join(cmd)}\n")
             f.flush()
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env())
             try:
                 while True:
                     try:
@@ -355,37 +380,71 @@ class Pipeline:
                 proc.terminate()  # the trainer saves a checkpoint on SIGTERM
                 proc.wait(timeout=120)
                 raise
+        if rc == 85:  # the trainer's REQUEUE_EXIT: stopped by a signal after saving a checkpoint
+            raise ExperimentError(f"training {run_dir} was stopped by a signal (checkpoint saved); re-run to resume")
         if rc != 0:
             tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
             raise ExperimentError(f"training {run_dir} failed (exit {rc}); see {log}: {tail[-400:]}")
 
-    # --- fine-tuning ---
+    # --- fine-tuning: subprocesses, up to `jobs` at a time; `drain()` waits for them ---
 
     def finetune(self, model_dir: Path, task: str, out_dir: Path, lrs=None, seeds=None,
-                 before: Callable[[], None] | None = None) -> dict:
+                 before: Callable[[], None] | None = None) -> None:
         g = self.rc["glue"]
         argv = ["--model", str(model_dir.resolve()), "--task", task, "--glue-dir", g["dir"],
                 "--lrs", ",".join(f"{x:g}" for x in (lrs or g["lrs"])),
                 "--seeds", ",".join(map(str, seeds or g["seeds"])), "--epochs", str(g["epochs"]),
                 "--out", str(out_dir.resolve()), "--max-train-examples", str(g["max_train_examples"]),
                 "--max-eval-examples", str(g["max_eval_examples"]), "--batch-size", str(g["batch_size"]),
-                "--max-seq-len", str(g["max_seq_len"]), "--threads", str(g["threads"])]
+                "--max-seq-len", str(g["max_seq_len"]), "--threads", str(self.rc["threads"])]
 
-        def work() -> dict:
-            from tcd_ds import finetune
-
+        def start() -> None:
             if before:
                 before()
-            log = self.log("finetune.log")
-            with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-                try:
-                    res = finetune.main(argv)
-                except SystemExit as err:
-                    raise ExperimentError(f"fine-tuning {task} from {model_dir} failed (exit {err.code}); "
-                                          f"see {log}") from None
+            while len(self.running) >= self.rc["jobs"]:
+                self._reap()
+            out_dir.mkdir(parents=True, exist_ok=True)
+            log = open(out_dir / "finetune.log", "a")
+            proc = subprocess.Popen([sys.executable, "-m", "tcd_ds.finetune", *argv], stdout=log,
+                                    stderr=subprocess.STDOUT, env=self.env())
+            self.running.append((proc, log, finish))
+
+        def finish(proc) -> dict:
+            if proc.returncode != 0:
+                tail = (out_dir / "finetune.log").read_text(errors="replace").strip().splitlines()[-1:]
+                raise ExperimentError(f"fine-tuning {task} from {model_dir} failed (exit {proc.returncode}); "
+                                      f"see {out_dir / 'finetune.log'}: {' '.join(tail)[-300:]}")
+            res = read_json(out_dir / "results.json")
             return {"task": task, "best_lr": res["best_lr"], "glue_score": res["glue_score"]}
 
-        return self.unit(out_dir, {"argv": argv}, work, strict=False)
+        self.unit(out_dir, {"argv": argv}, start, strict=False, deferred=True)
+
+    def _reap(self) -> None:
+        """Wait until one running fine-tuning ends; write its done.json (or fail)."""
+        while True:
+            for item in self.running:
+                proc, log, finish = item
+                if proc.poll() is not None:
+                    self.running.remove(item)
+                    log.close()
+                    finish(proc)
+                    return
+            time.sleep(0.2)
+
+    def drain_quietly(self) -> None:
+        for proc, log, _ in self.running:
+            proc.terminate()
+            proc.wait()
+            log.close()
+        self.running.clear()
+
+    def drain(self) -> None:
+        try:
+            while self.running:
+                self._reap()
+        except BaseException:
+            self.drain_quietly()
+            raise
 
 
 def _last_progress(log: Path) -> str:
@@ -490,6 +549,7 @@ def step_ablations(p: Pipeline) -> None:
     teacher = _teacher_path(p)
     for pos in p.rc["ablations"]["positions"]:
         p.train(dirs[f"tcd_{pos}"], "tcd", [teacher, f"distill.positions={pos}"])
+    for pos in p.rc["ablations"]["positions"]:
         for task in p.rc["ablations"]["tasks"]:
             if task_unavailable(p.rc["glue"]["dir"], task) is None:
                 p.finetune(dirs[f"tcd_{pos}"] / "export", task, p.out / "ablations" / pos / task)
@@ -609,6 +669,7 @@ def main(argv: list[str] | None = None) -> dict:
             p.step, start = step, time.perf_counter()
             p.say(f"step {STEPS.index(step) + 1}/{len(STEPS)} {step}: start")
             STEP_FNS[step](p)
+            p.drain()
             walls[step] = time.perf_counter() - start
             units = [read_json(f) for f in sorted((out / step).rglob("done.json")) if f.parent != out / step]
             write_json(out / step / "done.json", {"step": step, "units": len(units), "wall_s_last_invocation":
@@ -620,6 +681,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
+        p.drain_quietly()
         with open(out / "invocations.jsonl", "a") as f:
             f.write(json.dumps({"command": command, "cwd": os.getcwd(), "started": time.strftime(
                 "%Y-%m-%d %H:%M:%S", time.localtime(time.time() - (time.perf_counter() - p.t0))),

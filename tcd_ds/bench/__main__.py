@@ -93,8 +93,9 @@ def targets_table(targets: list[dict[str, Any]]) -> str:
     rows = []
     for t in targets:
         met = "-" if t["met"] is None else ("met" if t["met"] else "NOT met")
-        rows.append([t["target"], t["value"], f"{t['op']} {fmt(t['threshold'])}", met])
-    return md_table(["target", "measured", "wanted", ""], rows, align="lrrl")
+        rows.append([t["target"], t["value"], t.get("value_min"), f"{t['op']} {fmt(t['threshold'])}", met])
+    return md_table(["target", "measured (medians)", "(fastest repeats)", "wanted", "on the medians"], rows,
+                    align="lrrrl")
 
 
 def markdown(result: dict[str, Any], bounds: dict[str, str] | None = None) -> str:

@@ -161,8 +161,14 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         if r["experts"] == 64 and r["variant"] in ("torch", "grouped") and r["shape"].startswith("small") \
                 and r["status"] == "ok":
-            out.append(target(f"MoE {r['variant']} backend, 64 experts top-1, {r['shape']}: time / dense FFN time",
-                              r["x_dense"], 1.5, "<="))
+            dense = next(d for d in rows if d["variant"] == "dense" and d["shape"] == r["shape"]
+                         and d["case_experts"] == r["case_experts"])
+            out.append(target(
+                f"MoE {r['variant']} backend, 64 experts top-1, {r['shape']}: time / dense FFN time", r["x_dense"], 1.5,
+                "<=", value_min=r["min_ms"] / dense["min_ms"],
+                bound="64 small GEMMs (~64 tokens each) per projection instead of one, and every expert's weights "
+                      "read and their gradients written each step (64 x 0.5 MB per layer and pass): the experts alone "
+                      "run at ~1.2x the dense FFN here; router, sort, gather and weighted combine add ~5 ms"))
     return out
 
 

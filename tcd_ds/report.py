@@ -1,0 +1,386 @@
+"""`report.md` of an experiment (`python -m tcd_ds.experiments`): paper-style tables and PNG plots,
+read back from the experiment's out dir. Cells of fine-tuning results are `median (mean ± std)`
+over seeds, in percent, at the best lr of each sweep (highest median score; sample std, ddof=1).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+COLORS = {"teacher": "tab:blue", "baseline": "tab:orange", "baseline_long": "tab:red", "tcd": "tab:green"}
+LABELS = {"teacher": "Teacher (vanilla BERT)", "baseline": "MoE baseline (epoch-aligned)",
+          "baseline_aligned": "MoE baseline (perf-aligned)", "baseline_long": "MoE baseline (long run)",
+          "tcd": "TCD student (MoE)"}
+HEADINGS = ("## Setup", "## Wall time per step", "## Pre-training", "## Alignment", "## GLUE",
+            "## Ablations", "## Trend over pre-training", "## Out-of-distribution MLM loss", "## Findings")
+PLOTS = ("mlm_curves.png", "trend.png", "ablations.png", "ood.png")
+
+
+# --- pure helpers -------------------------------------------------------------------------------
+
+def stats(values) -> dict[str, float]:
+    arr = np.asarray(list(values), dtype=np.float64)
+    if arr.size == 0:
+        return {"median": float("nan"), "mean": float("nan"), "std": float("nan"), "n": 0}
+    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return {"median": float(np.median(arr)), "mean": float(arr.mean()), "std": std, "n": int(arr.size)}
+
+
+def fmt_stats(values, scale: float = 100.0, digits: int = 1) -> str:
+    """`median (mean ± std)` of `values * scale`; an en dash when there are none."""
+    s = stats(values)
+    if not s["n"]:
+        return "–"
+    return (f"{s['median'] * scale:.{digits}f} ({s['mean'] * scale:.{digits}f} ± "
+            f"{s['std'] * scale:.{digits}f})")
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def interpolate(points: list[tuple[float, float]], x0: float) -> float | None:
+    """y at x == x0 along a trajectory of (x, y) points (in training order): linear, on the first
+    segment whose ends straddle x0; None if the trajectory never crosses x0."""
+    for (xa, ya), (xb, yb) in zip(points, points[1:]):
+        if min(xa, xb) <= x0 <= max(xa, xb):
+            return ya if xa == xb else ya + (yb - ya) * (x0 - xa) / (xb - xa)
+    return None
+
+
+def per_seed_average(results: dict[str, dict]) -> list[float]:
+    """The GLUE average of each seed over the given tasks' results.json (best lr of each task)."""
+    from tcd_ds.data.glue import glue_average
+
+    if not results:
+        return []
+    per_task = {t: r["glue_score"]["per_seed"] for t, r in results.items()}
+    n = min(len(v) for v in per_task.values())
+    return [glue_average({t: v[i] for t, v in per_task.items()}) for i in range(n)]
+
+
+def scores(result: dict | None) -> list[float]:
+    return result["glue_score"]["per_seed"] if result else []
+
+
+# --- reading the out dir ------------------------------------------------------------------------
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    try:
+        ds = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        ds = "not installed"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    return {"cpus (os.cpu_count)": os.cpu_count(), "cpus usable": len(os.sched_getaffinity(0)),
+            "cpu model": cpu, "torch": torch.__version__,
+            "deepspeed": ds, "python": platform.python_version(), "platform": platform.platform()}
+
+
+# --- plots --------------------------------------------------------------------------------------
+
+def _figure(path: Path, draw) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = draw(plt)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _legend(ax, size: int) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=size)
+    else:
+        ax.text(0.5, 0.5, "no data (step not run)", ha="center", va="center", transform=ax.transAxes)
+
+
+def _plot_curves(runs: dict[str, dict], path: Path) -> None:
+    def draw(plt):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for name, s in runs.items():
+            style = "--" if name == "baseline_long" else "-"
+            h = [(r["step"], r["mlm"]) for r in s.get("history", []) if "mlm" in r]
+            e = [(r["step"], r["val"]["mlm_loss"]) for r in s.get("eval_history", []) if "val" in r]
+            if h:
+                axes[0].plot(*zip(*h), style, color=COLORS.get(name), label=LABELS.get(name, name))
+            if e:
+                axes[1].plot(*zip(*e), style + "o", ms=3, color=COLORS.get(name), label=LABELS.get(name, name))
+        for ax, title in zip(axes, ("train MLM loss (history)", "held-out val MLM loss (eval_history)")):
+            ax.set(title=title, xlabel="pre-training step", ylabel="MLM loss")
+            _legend(ax, 8)
+        return fig
+    _figure(path, draw)
+
+
+def _plot_trend(trend: dict[str, dict[int, list[float]]], task: str, path: Path) -> None:
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, points in trend.items():
+            steps = sorted(s for s in points if points[s])
+            if steps:
+                st = [stats(points[s]) for s in steps]
+                ax.errorbar(steps, [100 * x["median"] for x in st], yerr=[100 * x["std"] for x in st],
+                            marker="o", capsize=3, color=COLORS.get(name), label=LABELS.get(name, name))
+        ax.set(title=f"{task} after fine-tuning vs pre-training step (median ± std)",
+               xlabel="pre-training step", ylabel=f"{task} score (%)")
+        _legend(ax, 8)
+        return fig
+    _figure(path, draw)
+
+
+def _plot_ablations(rows: list[tuple[str, list[float], float | None]], tasks: str, path: Path) -> None:
+    def draw(plt):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        names = [r[0] for r in rows]
+        st = [stats(r[1]) for r in rows]
+        med = [100 * s["median"] if s["n"] else 0 for s in st]
+        axes[0].bar(names, med, yerr=[100 * s["std"] if s["n"] else 0 for s in st], capsize=3, color="tab:blue")
+        if any(s["n"] for s in st):
+            low = min(100 * (s["median"] - s["std"]) for s in st if s["n"])
+            axes[0].set_ylim(max(0.0, low - 5), max(100 * (s["median"] + s["std"]) for s in st if s["n"]) + 3)
+        axes[0].set(title=f"{tasks} after fine-tuning (median ± std over seeds)", ylabel="score (%)")
+        axes[1].bar(names, [r[2] if r[2] is not None else 0 for r in rows], color="tab:orange")
+        vals = [r[2] for r in rows if r[2] is not None]
+        if vals:
+            axes[1].set_ylim(min(vals) - 0.05 * (max(vals) - min(vals) + 1), max(vals) + 0.05)
+        axes[1].set(title="final val MLM loss", ylabel="MLM loss")
+        for ax in axes:
+            ax.tick_params(axis="x", rotation=45)
+        return fig
+    _figure(path, draw)
+
+
+def _plot_ood(runs: dict[str, dict], marks: dict[str, tuple[float, float]], path: Path) -> None:
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(6.5, 4.8))
+        near = max((x for x, _ in marks.values()), default=float("inf")) + 0.3  # zoom on the compared points
+        for name in ("baseline_long", "baseline", "tcd"):
+            e = [(r["val"]["mlm_loss"], r["gutenberg"]["mlm_loss"]) for r in runs.get(name, {}).get(
+                "eval_history", []) if "gutenberg" in r and "val" in r and r["val"]["mlm_loss"] <= near]
+            if e:
+                ax.plot(*zip(*e), "o-", ms=3, alpha=0.7, color=COLORS[name], label=LABELS[name] + " (over training)")
+        for name, (x, y) in marks.items():
+            ax.plot([x], [y], "*", ms=15, mec="black", color=COLORS.get(name, "tab:red" if "baseline" in name
+                                                                         else None),
+                    label=f"{LABELS.get(name, name)}: compared point")
+        ax.set(title="OOD (Gutenberg) vs in-domain (val) MLM loss\n(each point: one evaluation during training)",
+               xlabel="val MLM loss (in-domain)", ylabel="Gutenberg MLM loss (OOD)")
+        ax.invert_xaxis()
+        _legend(ax, 7)
+        return fig
+    _figure(path, draw)
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
+    from tcd_ds.experiments import STEPS, fmt_time, glue_models, run_dirs, trend_steps
+
+    out = Path(out)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    dirs = run_dirs(out, rc)
+    runs = {k: s for k, d in dirs.items() if (s := _json(d / "summary.json"))}
+    g, abl, tr = rc["glue"], rc["ablations"], rc["trend"]
+    md = [f"# TCD experiment `{name}`", "",
+          "Reproduction of the protocol of *Transfer Capability Distillation* (arXiv 2403.01994) at this "
+          "recipe's scale. Numbers are reported as measured; fine-tuning cells are **median (mean ± std)** "
+          "over seeds in percent, at each sweep's best lr (highest median).", ""]
+
+    # setup
+    md += [HEADINGS[0], "", "Command (run from `" + os.getcwd() + "`):", "", "```bash", command, "```", ""]
+    inv = [json.loads(x) for x in (out / "invocations.jsonl").read_text().splitlines()] \
+        if (out / "invocations.jsonl").is_file() else []
+    if len(inv) > 1:
+        md += ["Invocations of this out dir (resumes skip finished units):", "",
+               md_table(["started", "command", "wall", "units run"],
+                        [[i["started"], f"`{i['command']}`", fmt_time(i["wall_s"]), len(i["ran"])] for i in inv]), ""]
+    md += ["Machine:", "", md_table(["key", "value"], [[k, v] for k, v in _machine().items()] + [
+        ["threads per process (OMP_NUM_THREADS)", rc["threads"] or "default"], ["pre-training ranks", rc["ranks"]],
+        ["fine-tuning jobs at a time", rc["jobs"]]]), "",
+           "Resolved recipe (recipe file + command-line overrides):", "", "```yaml",
+           yaml.safe_dump({k: v for k, v in rc.items() if not k.startswith("_")}, sort_keys=False).strip(),
+           "```", ""]
+
+    # wall time
+    walls: dict[str, float] = {}
+    for i in inv:  # wall time of the invocations that ran units of the step
+        for step, wall in i.get("steps", {}).items():
+            if any(u.split("/")[0] == step for u in i.get("ran", [])):
+                walls[step] = walls.get(step, 0.0) + wall
+    rows = []
+    for i, step in enumerate(STEPS, 1):
+        d = _json(out / step / "done.json")
+        rows.append([f"{i}. {step}", d["units"] if d else "not run", fmt_time(walls[step]) if step in walls else "–",
+                     fmt_time(d["seconds"]) if d else "–"])
+    rows.append(["total", "", fmt_time(sum(walls.values())), ""])
+    md += [HEADINGS[1], "", "Wall time = the time the step took in the invocation(s) that ran its units; unit time = "
+           f"the sum of its units' own times (fine-tunings run {rc['jobs']} at a time, so theirs overlap).", "",
+           md_table(["step", "units", "wall time", "unit time"], rows), ""]
+
+    # pre-training
+    rows = []
+    for key, s in runs.items():
+        ev = s.get("eval") or {}
+        rows.append([LABELS.get(key, f"TCD ablation {key[4:]}"), s["mode"], s["steps"],
+                     fmt((s.get("history") or [{}])[-1].get("mlm")), fmt(ev.get("val", {}).get("mlm_loss")),
+                     fmt(ev.get("val", {}).get("accuracy")), fmt(ev.get("wikitext2", {}).get("mlm_loss")),
+                     fmt(ev.get("gutenberg", {}).get("mlm_loss")), fmt(s.get("step_time_s"), 2),
+                     f"{s.get('parameters', 0) / 1e6:.2f}M / {s.get('active_parameters', 0) / 1e6:.2f}M"])
+    md += [HEADINGS[2], "", f"Model recipe `{rc['model_recipe']}`, {rc['ranks']} rank(s). Final evaluation "
+           "(held-out Wikipedia split = val, WikiText-2 test, Gutenberg novels = out of distribution).", "",
+           md_table(["run", "mode", "steps", "train MLM", "val MLM", "val acc", "WikiText-2 MLM", "Gutenberg MLM",
+                     "s/step", "params (total / active)"], rows), "",
+           "![MLM loss curves](plots/mlm_curves.png)", ""]
+    _plot_curves({k: runs[k] for k in ("teacher", "baseline", "tcd", "baseline_long") if k in runs},
+                 out / "plots" / PLOTS[0])
+
+    # alignment
+    al = _json(out / "align" / "aligned" / "done.json")
+    md += [HEADINGS[3], ""]
+    if al:
+        md += [f"Pre-training-performance alignment: the baseline is trained {rc['align']['factor']:g}× longer "
+               f"({al['long_steps']} steps, eval + checkpoint every {rc['align']['every']}); the earliest "
+               "checkpoint whose val MLM loss <= the student's final val MLM loss is taken.", "",
+               md_table(["model", "steps", "val MLM loss", "note"], [
+                   [LABELS["tcd"], al["student_steps"], fmt(al["target"]), "target"],
+                   [LABELS["baseline"], al["baseline_steps"], fmt(al["baseline_val"]), "same steps as the student"],
+                   [LABELS["baseline_long"], al["long_steps"], fmt(al["long_val"]), "end of the long run"],
+                   [LABELS["baseline_aligned"], al["step"], fmt(al["mlm_loss"]),
+                    "reached the target" if al["reached"] else "**did not reach the target**: last checkpoint"]]), ""]
+    else:
+        md += ["(not run)", ""]
+
+    # GLUE
+    skipped = _json(out / "glue" / "skipped.json") or {}
+    tasks = [t for t in g["tasks"] if t not in skipped]
+    glue = {v: {t: r for t in tasks if (r := _json(out / "glue" / v / t / "results.json"))}
+            for v in glue_models(out, rc)}
+    rows = []
+    for v, res in glue.items():
+        label = LABELS[v] + (f", step {al['step']}" if v == "baseline_aligned" and al else "")
+        rows.append([label] + [fmt_stats(scores(res.get(t))) for t in tasks] + [fmt_stats(per_seed_average(res))])
+    md += [HEADINGS[4], "", f"Tasks {', '.join(tasks)}; lrs {', '.join(f'{x:g}' for x in g['lrs'])}; seeds "
+           f"{', '.join(map(str, g['seeds']))}; {g['epochs']} epoch(s); train examples "
+           f"{g['max_train_examples'] or 'all'}, eval examples {g['max_eval_examples'] or 'all'} (dev split). "
+           "Task score = mean of its metrics (MRPC: F1 and accuracy; CoLA: MCC); GLUE avg = per-seed mean over the "
+           "tasks (WNLI included), then median (mean ± std) over seeds.", ""]
+    md += [md_table(["model"] + tasks + ["GLUE avg"], rows), ""]
+    for t, why in skipped.items():
+        md += [f"- {t} skipped: {why}"]
+    best = [f"{LABELS[v]}: " + ", ".join(f"{t} {r['best_lr']:g}" for t, r in res.items()) for v, res in glue.items()]
+    md += ([""] if skipped else []) + ["Best lr per task: " + "; ".join(best) + ".", ""]
+
+    # ablations
+    full = [("none (MoE baseline)", "baseline", None)] + \
+        [(p, f"tcd_{p}", out / "ablations" / p) for p in abl["positions"]] + [("TIA (full TCD)", "tcd", None)]
+    rows, bars = [], []
+    for label, key, adir in full:
+        res = {t: (_json(adir / t / "results.json") if adir else glue.get(key, {}).get(t)) for t in abl["tasks"]}
+        res = {t: r for t, r in res.items() if r}
+        ev = (runs.get(key) or {}).get("eval") or {}
+        val = ev.get("val", {}).get("mlm_loss")
+        rows.append([label, fmt(val), fmt(ev.get("gutenberg", {}).get("mlm_loss"))]
+                    + [fmt_stats(scores(res.get(t))) for t in abl["tasks"]]
+                    + ([fmt_stats(per_seed_average(res))] if len(abl["tasks"]) > 1 else []))
+        bars.append((label.split(" ")[0], per_seed_average(res), val))
+    md += [HEADINGS[5], "", f"TCD with a subset of the alignment positions, {rc['_steps']} steps each (as the "
+           "student), fine-tuned with the GLUE settings.", "",
+           md_table(["positions", "val MLM", "Gutenberg MLM"] + abl["tasks"]
+                    + (["avg"] if len(abl["tasks"]) > 1 else []), rows), "", "![ablations](plots/ablations.png)", ""]
+    _plot_ablations(bars, " + ".join(abl["tasks"]), out / "plots" / PLOTS[2])
+
+    # trend
+    trend = {v: {s: scores(_json(out / "trend" / v / f"step_{s:08d}" / "results.json")) for s in trend_steps(rc)}
+             for v in ("baseline", "tcd")}
+    md += [HEADINGS[6], "", f"{tr['task']} fine-tuned from checkpoints saved along pre-training (lrs "
+           f"{', '.join(f'{x:g}' for x in tr['lrs'] or g['lrs'])}, seeds {', '.join(map(str, tr['seeds'] or g['seeds']))})."
+           , "", md_table(["step", LABELS["baseline"], LABELS["tcd"]],
+                          [[s, fmt_stats(trend["baseline"][s]), fmt_stats(trend["tcd"][s])] for s in trend_steps(rc)]),
+           "", "![trend](plots/trend.png)", ""]
+    _plot_trend(trend, tr["task"], out / "plots" / PLOTS[1])
+
+    # OOD
+    ood = _json(out / "ood" / "analysis" / "done.json")
+    md += [HEADINGS[7], ""]
+    marks, findings = {}, []
+    if ood:
+        rows = []
+        for key in ("teacher", "baseline", "baseline_aligned", "tcd"):
+            m = ood["models"].get(key, {})
+            val, gut = m.get("val", {}).get("mlm_loss"), m.get("gutenberg", {}).get("mlm_loss")
+            rows.append([LABELS[key], m.get("step", "–"), fmt(val), fmt(m.get("wikitext2", {}).get("mlm_loss")),
+                         fmt(gut), fmt(gut - val if gut is not None and val is not None else None)])
+            if key in ("baseline_aligned", "tcd") and gut is not None:
+                marks[key] = (val, gut)
+        interp = ood.get("baseline_gutenberg_at_student_val")
+        tcd_m, bal = ood["models"]["tcd"], ood["models"]["baseline_aligned"]
+        md += ["Models aligned on in-domain MLM loss: the perf-aligned baseline checkpoint vs the TCD student. "
+               "The paper's claim: at equal in-domain loss the TCD student has the lower OOD loss.", "",
+               md_table(["model", "step", "val MLM", "WikiText-2 MLM", "Gutenberg MLM (OOD)", "OOD − val"], rows), "",
+               f"Baseline's Gutenberg loss linearly interpolated along its long run at the student's val loss "
+               f"({fmt(tcd_m['val']['mlm_loss'])}): {fmt(interp)}.", "", "![ood](plots/ood.png)", ""]
+        if "gutenberg" in tcd_m and "gutenberg" in bal:
+            ref = interp if interp is not None else bal["gutenberg"]["mlm_loss"]
+            d = tcd_m["gutenberg"]["mlm_loss"] - ref
+            gap = [m["gutenberg"]["mlm_loss"] - m["val"]["mlm_loss"] for m in (tcd_m, bal)]
+            findings.append(
+                f"OOD: at matched in-domain loss the TCD student's Gutenberg MLM loss is {'lower' if d < 0 else 'higher'}"
+                f" than the baseline's ({fmt(tcd_m['gutenberg']['mlm_loss'])} vs {fmt(ref)}"
+                f"{' interpolated' if interp is not None else ''}; OOD − val gap {gap[0]:.3f} vs {gap[1]:.3f} for the "
+                f"perf-aligned checkpoint): {'the direction the paper reports' if d < 0 else 'not the paper`s direction'}"
+                f"{', but only by ' + f'{abs(d):.3f} nats, too small to count as a reproduction' if abs(d) < 0.02 else ''}.")
+    else:
+        md += ["(not run)", ""]
+    _plot_ood(runs, marks, out / "plots" / PLOTS[3])
+
+    # findings
+    avg = {v: stats(per_seed_average(res)) for v, res in glue.items() if res}
+    if "tcd" in avg:
+        for i, other in enumerate(o for o in ("baseline", "baseline_aligned", "teacher") if o in avg):
+            if other in avg:
+                d = 100 * (avg["tcd"]["median"] - avg[other]["median"])
+                findings.insert(i, f"GLUE avg (median): TCD student {'−+'[d >= 0]}{abs(d):.1f} points vs "
+                                   f"{LABELS[other]} ({100 * avg['tcd']['median']:.1f} vs "
+                                   f"{100 * avg[other]['median']:.1f}).")
+    if al:
+        findings.append(f"Alignment: the baseline {'reached' if al['reached'] else 'did not reach'} the student's "
+                        f"val MLM loss {fmt(al['target'])} (step {al['step']}, loss {fmt(al['mlm_loss'])}); the "
+                        f"epoch-aligned baseline ended at {fmt(al['baseline_val'])}.")
+    last = trend_steps(rc)[-1]
+    if trend["baseline"][last] and trend["tcd"][last]:
+        d = 100 * (stats(trend["tcd"][last])["median"] - stats(trend["baseline"][last])["median"])
+        findings.append(f"Trend: at step {last}, TCD {'−+'[d >= 0]}{abs(d):.1f} points on {tr['task']} vs the "
+                        "baseline (see the table for the earlier checkpoints).")
+    md += [HEADINGS[8], "", *[f"- {f}" for f in findings or ["(nothing to compare yet)"]], "",
+           "At this scale the differences may well be within the seed spread above; the spread columns say so."]
+    path = out / "report.md"
+    tmp = path.with_name(".report.md.tmp")
+    tmp.write_text("\n".join(md) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,190 @@
+"""The experiment pipeline (`python -m tcd_ds.experiments`): its pure parts (recipe validation,
+alignment selection, table formatting) and one tiny end-to-end run on the real data, re-run to
+check that finished units are skipped and an unfinished training resumes."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tcd_ds import experiments as ex
+from tcd_ds import report
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --- pure parts ---------------------------------------------------------------------------------
+
+def _hist(*points):
+    return [{"step": s, "val": {"mlm_loss": v}} for s, v in points]
+
+
+def test_select_aligned_takes_earliest_saved_checkpoint_at_or_below_target():
+    h = _hist((10, 5.0), (20, 4.2), (30, 3.9), (40, 3.5))
+    assert ex.select_aligned(h, [10, 20, 30, 40], 4.0) == {"step": 30, "mlm_loss": 3.9, "target": 4.0,
+                                                              "reached": True}
+    assert ex.select_aligned(h, [10, 20, 30, 40], 4.2)["step"] == 20  # <= counts
+    assert ex.select_aligned(h, [10, 40], 4.0)["step"] == 40  # step 30 has no checkpoint
+    miss = ex.select_aligned(h, [10, 20, 30, 40], 3.0)
+    assert miss == {"step": 40, "mlm_loss": 3.5, "target": 3.0, "reached": False}
+    with pytest.raises(ex.ExperimentError):
+        ex.select_aligned(h, [], 4.0)
+
+
+def test_stats_and_cells_are_median_mean_and_sample_std():
+    assert report.fmt_stats([0.80, 0.90, 0.85]) == "85.0 (85.0 ± 5.0)"
+    assert report.fmt_stats([0.5, 0.6, 1.0]) == "60.0 (70.0 ± 26.5)"  # median != mean
+    assert report.fmt_stats([0.7]) == "70.0 (70.0 ± 0.0)"
+    assert report.fmt_stats([]) == "–"
+    assert report.fmt_stats([2.0, 4.0], scale=1, digits=2) == "3.00 (3.00 ± 1.41)"
+    assert report.md_table(["a", "b"], [[1, "x"], [2, "y"]]) == "| a | b |\n|---|---|\n| 1 | x |\n| 2 | y |"
+
+
+def test_glue_average_is_taken_per_seed():
+    res = {"MRPC": {"glue_score": {"per_seed": [0.8, 0.6]}}, "WNLI": {"glue_score": {"per_seed": [0.4, 0.6]}}}
+    assert report.per_seed_average(res) == pytest.approx([0.6, 0.6])
+    assert report.per_seed_average({}) == []
+
+
+def test_interpolate_along_a_trajectory():
+    pts = [(5.0, 6.0), (4.0, 5.0), (3.0, 3.0)]
+    assert report.interpolate(pts, 3.5) == pytest.approx(4.0)
+    assert report.interpolate(pts, 5.0) == pytest.approx(6.0)
+    assert report.interpolate(pts, 2.0) is None
+
+
+def test_recipe_overrides_and_defaults():
+    name, rc = ex.load("tiny", ["glue.seeds=4,5", "ablations.positions=it,A", "pretrain.train.max_steps=12",
+                                "align.factor=3", "glue.include_aligned=false", "trend.every=4"])
+    assert name == "tiny" and rc["glue"]["seeds"] == [4, 5] and rc["ablations"]["positions"] == ["TI", "A"]
+    assert rc["_steps"] == 12 and rc["align"]["factor"] == 3.0 and rc["glue"]["include_aligned"] is False
+    assert ex.trend_steps(rc) == [4, 8, 12]
+    assert "train.max_steps=12" in ex._trainer_overrides(rc["pretrain"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("glu.seeds=1", "unknown recipe key 'glu'; did you mean 'glue'?"),
+    ("glue.sedes=1", "unknown recipe key 'glue.sedes'; did you mean 'glue.seeds'?"),
+    ("glue.seeds=one", "recipe key 'glue.seeds' expects a list of int"),
+    ("ranks=0", "ranks and jobs must be >= 1"),
+    ("align.factor=0.5", "align.factor must be >= 1"),
+    ("ablations.positions=TX", "'TX' is not a new non-empty subset"),
+    ("glue.tasks=MRPC,FOO", "unknown GLUE task 'FOO'"),
+    ("pretrain.train.max_stepz=3", "did you mean 'train.max_steps'?"),
+    ("pretrain.run_dir=x", "pretrain.run_dir is set by the pipeline"),
+    ("trend.every=100000", "trend.every must be in [1, pre-training steps="),
+    ("ds_config=nope.json", "ds_config nope.json does not exist"),
+])
+def test_bad_recipe_values_fail_with_one_line(override, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        ex.main(["tiny", override, "--dry-run"])
+    assert err.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_unknown_recipe_and_step(capsys):
+    for argv in (["nope"], ["tiny", "--steps", "teacher,bogus"]):
+        with pytest.raises(SystemExit) as err:
+            ex.main(argv)
+        assert err.value.code == 2
+    assert "neither a file nor one of: " in capsys.readouterr().err
+
+
+def test_packaged_recipes_are_valid():
+    for recipe in sorted(ex.RECIPES.glob("*.yaml")):
+        _, rc = ex.load(str(recipe))
+        assert rc["_steps"] >= rc["trend"]["every"]
+    assert {"tiny", "small"} <= {p.stem for p in ex.RECIPES.glob("*.yaml")}
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+def _overrides(d: Path, cache: Path) -> list[str]:
+    """The tiny recipe cut to a few steps, one ablation, few fine-tuning examples; QNLI is in the
+    task list to exercise the skip (it has no train split here)."""
+    return [f"pretrain.data.corpus={d / 'wikipedia-en-2015'}",
+            f"pretrain.data.vocab={d / 'vocab' / 'bert-base-uncased-vocab.txt'}",
+            f"pretrain.data.eval_corpora=wikitext2={d / 'wikitext-2' / 'wiki.test.raw'},"
+            f"gutenberg={d / 'gutenberg-novels'}",
+            f"pretrain.data.cache_dir={cache}", "pretrain.data.max_documents=40", "pretrain.data.eval_max_sequences=16",
+            "pretrain.model.moe.num_experts=8", "pretrain.train.max_steps=6", "teacher.train.max_steps=6",
+            "pretrain.train.eval_every=3", "pretrain.train.save_every=3", "pretrain.train.eval_batches=1",
+            "pretrain.train.log_every=1", "align.every=3", "trend.every=3", "ablations.positions=TI",
+            f"glue.dir={d / 'glue'}", "glue.tasks=MRPC,WNLI,QNLI", "glue.seeds=1,2", "glue.max_train_examples=32",
+            "glue.max_eval_examples=32", "threads=1", "jobs=2"]
+
+
+def _run(out: Path, args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "tcd_ds.experiments", "tiny", "--out", str(out), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    return proc, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def pipeline(shared_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiment")
+    args = _overrides(shared_data, root / "cache")
+    proc, _ = _run(root / "out", args)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return root / "out", args, proc.stdout
+
+
+def test_pipeline_writes_every_table_and_plot(pipeline):
+    out, _, stdout = pipeline
+    text = (out / "report.md").read_text()
+    for heading in report.HEADINGS:
+        assert heading + "\n" in text, heading
+    for name in report.PLOTS:
+        png = out / "plots" / name
+        assert png.is_file() and png.stat().st_size > 1000 and png.read_bytes()[:8] == PNG_MAGIC, name
+        assert f"](plots/{name})" in text
+    assert "python -m tcd_ds.experiments tiny --out" in text and "cpus (os.cpu_count)" in text
+    assert "QNLI skipped" in text and "| TI |" in text and "MoE baseline (perf-aligned)" in text
+    for step in ex.STEPS:
+        assert (out / step / "done.json").is_file(), step
+        assert f"step {step}: finished in" in stdout
+    assert (out / "teacher" / "train.log").stat().st_size > 0
+    aligned = json.loads((out / "align" / "aligned" / "done.json").read_text())
+    assert aligned["step"] in (3, 6, 9, 12) and (out / "align" / "aligned" / "export" / "config.json").is_file()
+    for variant in ("baseline", "tcd"):
+        for step in (3, 6):
+            results = json.loads((out / "trend" / variant / f"step_{step:08d}" / "results.json").read_text())
+            assert results["task"] == "MRPC" and len(results["glue_score"]["per_seed"]) == 2
+    for variant in ("teacher", "baseline", "baseline_aligned", "tcd"):
+        assert {p.name for p in (out / "glue" / variant).iterdir()} == {"MRPC", "WNLI"}
+
+
+def test_rerun_skips_every_unit(pipeline):
+    out, args, _ = pipeline
+    markers = {p: p.stat().st_mtime_ns for p in out.rglob("done.json") if p.parent.name not in ex.STEPS}
+    summaries = {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
+    proc, seconds = _run(out, args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not re.search(r"^\[\S+\]   \S+: start$", proc.stdout, re.MULTILINE)  # no unit started
+    assert "(0 units run, " in proc.stdout and len(markers) >= 20
+    assert {p: p.stat().st_mtime_ns for p in markers} == markers
+    assert {p: p.stat().st_mtime_ns for p in summaries} == summaries
+    assert seconds < 60
+
+
+def test_rerun_resumes_an_unfinished_training(pipeline):
+    """A training cut off after its step-3 checkpoint resumes there; its fine-tuning is reused."""
+    out, args, _ = pipeline
+    run = out / "ablations" / "TI" / "run"
+    for name in ("done.json", "summary.json"):
+        (run / name).unlink()
+    shutil.rmtree(run / "checkpoints" / "step_00000006")
+    proc, _ = _run(out, args)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "ablations/TI/run: start" in proc.stdout and "(1 units run, " in proc.stdout
+    assert "resume: from" in (out / "ablations" / "train.log").read_text().split("=====")[-1]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
