@@ -18,7 +18,6 @@ checkpoint saved at any ep_size: DeepSpeed writes each expert to its own file
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tcd_ds.atomic import write_text_atomic
 from tcd_ds.model.hf import CheckpointError, config_from_hf, save_pretrained
 
 LATEST = "latest"
@@ -56,15 +56,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, model_config: dict, keep: int) -> Path:
     """Collective: every rank saves its part, then rank 0 marks the checkpoint complete."""
     import torch.distributed as dist
@@ -77,8 +68,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, model_config: di
         dist.barrier()
     if rank == 0:
         (ckpt_dir / tag / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
-        _write_atomic(ckpt_dir / tag / COMPLETE, json.dumps({"step": step, "time": time.time()}) + "\n")
-        _write_atomic(ckpt_dir / LATEST, tag + "\n")
+        write_text_atomic(ckpt_dir / tag / COMPLETE, json.dumps({"step": step, "time": time.time()}) + "\n")
+        write_text_atomic(ckpt_dir / LATEST, tag + "\n")
         for old, _ in complete_checkpoints(ckpt_dir)[:-keep]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     if dist.is_initialized():

@@ -40,6 +40,8 @@ from typing import Any
 
 import yaml
 
+from tcd_ds.atomic import write_json_atomic
+
 RECIPES = Path(__file__).parent / "recipes" / "experiments"
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = Path(__file__).parent / "train.py"
@@ -249,13 +251,7 @@ def validate(rc: dict) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def read_json(path: Path) -> Any:

@@ -83,6 +83,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tcd_ds.atomic import write_json_atomic
 from tcd_ds.config import ConfigError, ModelConfig
 from tcd_ds.data import glue
 from tcd_ds.data.glue import Example, GlueDataError, TaskSpec
@@ -427,16 +428,6 @@ def _same_run(rec: dict[str, Any], task: str, model: str, lr: float, seed: int, 
         return False
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _lr_key(lr: float) -> str:
     return f"{lr:g}"
 
@@ -553,7 +544,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
                "reported": "eval metrics at the end of the last epoch; best lr = highest median glue_score",
                "std_ddof": STD_DDOF, "settings": settings, "metrics": summary["metrics"],
                "glue_score": summary["glue_score"], "per_lr": summary["per_lr"]}
-    _write_json_atomic(out / "results.json", results)
+    write_json_atomic(out / "results.json", results)
     print(format_table(results))
     return results
 

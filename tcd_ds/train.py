@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from tcd_ds import checkpoint
+from tcd_ds.atomic import write_json_atomic
 from tcd_ds.config import Config, ConfigError, DataConfig, ModelConfig, build_config, to_dict
 from tcd_ds.data.corpus import is_local_source
 from tcd_ds.data.fallback import is_fallback_vocab, resolve_sources, vocab_falls_back, warn_stderr
@@ -480,7 +481,7 @@ def train(cfg: Config, layout: Layout, device: torch.device, ds_config: dict, re
             "history": metrics.read("train"), "eval_history": metrics.read("eval"),
         })
         if layout.is_main:
-            checkpoint._write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            write_json_atomic(run_dir / "summary.json", summary)
     finally:  # events written so far reach the disk, also when the run stops on an error
         monitor.close()
         if taps:
