@@ -62,7 +62,9 @@ class GuardedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        bad_grad = any(not torch.isfinite(g).all() for g in grads)
+        # one fused norm instead of a check per tensor (an fp32-overflowing norm counts as non-finite,
+        # as in DeepSpeed's own overflow check)
+        bad_grad = bool(grads) and not math.isfinite(float(torch.nn.utils.get_total_norm(grads)))
         if self._agree(bad_grad or self.skip_requested):
             self.skipped = True
             self.bad_gradients = self.bad_gradients or self._agree(bad_grad)
