@@ -14,6 +14,12 @@ Export reads the checkpoint *files*, not the live model, so it works for any bac
 checkpoint saved at any ep_size: DeepSpeed writes each expert to its own file
 (`layer_<L>_expert_<E>_mp_rank_00_model_states.pt`, global expert ids), and DeepSpeed's
 `zero_to_fp32.py` does not handle those; we gather them into the canonical expert layout ourselves.
+
+Every `.pt` file of a checkpoint is read with `torch.load(..., weights_only=True)` (`safe_load`): tensors,
+plain containers and the few classes DeepSpeed's and our files hold (`safe_globals()`), nothing that runs
+code. That covers export (`python -m tcd_ds.checkpoint`) and resume: our RNG files, and DeepSpeed's own
+model, expert and optimizer files, whose loads `resume` routes through `safe_load` too (DeepSpeed itself
+unpickles them with `weights_only=False`). A file holding anything else is refused with one line.
 """
 from __future__ import annotations
 
@@ -37,6 +43,50 @@ _TAG = re.compile(r"^step_(\d+)$")
 # DeepSpeed MoE keys (see tcd_ds/model/experts/deepspeed.py) -> canonical keys
 _DS_GATE = re.compile(r"^(.*)\.moe\.deepspeed_moe\.gate\.wg\.weight$")
 _DS_EXPERT = re.compile(r"^(.*)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(fc1|fc2)\.(weight|bias)$")
+
+
+def safe_globals() -> list:
+    """The non-tensor classes a tcd-ds checkpoint's `.pt` files hold: numpy's RNG state arrays
+    (`rng_rank*.pt`) and DeepSpeed's optimizer-state metadata (loss scaler, ZeRO stage, fragment
+    addresses), as deepspeed 0.19.8 writes them."""
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+            LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str | Path, map_location=None):
+    """`torch.load` with `weights_only=True` and `safe_globals()` allowed; a file that needs any other
+    global (that could run code when unpickled) raises CheckpointError, one line naming it."""
+    import pickle
+
+    with torch.serialization.safe_globals(safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))  # "Unsupported global: GLOBAL x" or "unsupported GLOBAL x"
+            what = f"it needs {found.group(1)}" if found else str(err).strip().splitlines()[0]
+            raise CheckpointError(f"refusing to load {path}: {what}, not tensors or tcd-ds/DeepSpeed checkpoint "
+                                  "data (unpickling it could run code); only use checkpoints you wrote") from None
+
+
+class _SafeLoads:
+    """Within the block, DeepSpeed's checkpoint engine reads every file with `safe_load`."""
+
+    def __init__(self, engine):
+        self.checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+
+    def __enter__(self):
+        if self.checkpoint_engine is not None:
+            self.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location)
+
+    def __exit__(self, *exc):
+        if self.checkpoint_engine is not None:
+            del self.checkpoint_engine.load  # the class's own method again
 
 
 def tag_for(step: int) -> str:
@@ -121,13 +171,15 @@ def resume(engine, ckpt_dir: Path, tag: str, rank: int, model_config: dict) -> d
     if not (ckpt_dir / tag / COMPLETE).is_file():
         raise CheckpointError(f"checkpoint {ckpt_dir / tag} is not complete (no {COMPLETE})")
     check_same_model(ckpt_dir / tag, model_config)
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    rng_file = ckpt_dir / tag / f"rng_rank{rank:05d}.pt"
+    rng = safe_load(rng_file) if rng_file.is_file() else None
+    with _SafeLoads(engine):
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
-    rng_file = ckpt_dir / tag / f"rng_rank{rank:05d}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    if rng is not None:
+        set_rng_state(rng)
     return client
 
 
@@ -138,10 +190,10 @@ def gather_canonical(tag_dir: Path) -> dict[str, torch.Tensor]:
     model_files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not model_files:
         raise CheckpointError(f"{tag_dir} holds no mp_rank_*_model_states.pt")
-    sd = dict(torch.load(model_files[0], map_location="cpu", weights_only=False)["module"])
+    sd = dict(safe_load(model_files[0], map_location="cpu")["module"])
     experts: dict[str, dict[tuple[str, str], dict[int, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
     for f in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_*_model_states.pt")):
-        for key, value in torch.load(f, map_location="cpu", weights_only=False).items():
+        for key, value in safe_load(f, map_location="cpu").items():
             m = _DS_EXPERT.match(key)
             if not m:
                 raise CheckpointError(f"unexpected expert weight {key} in {f.name}")
@@ -191,7 +243,10 @@ def main(argv: list[str] | None = None) -> None:
         if tag is None:
             raise SystemExit(f"error: no complete checkpoint under {src}")
         src = src / tag
-    print(export_checkpoint(src, args[1]))
+    try:
+        print(export_checkpoint(src, args[1]))
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -76,6 +76,10 @@ class ModelConfig:
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     initializer_range: float = 0.02
+    # position embeddings' init (they stay learned, absolute, BERT's): normal(0, initializer_range), or a
+    # sinusoid table (Vaswani et al.) scaled to the same std, which gives attention a relative-position
+    # structure from step 0 (see docs/results/small/report.md for what it buys)
+    position_init: str = "normal"
     pad_token_id: int = 0
     activation_checkpointing: bool = False  # non-reentrant, per layer
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -84,6 +88,8 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.position_init not in ("normal", "sinusoidal"):
+            raise ConfigError(f"model.position_init must be normal or sinusoidal, got {self.position_init!r}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
         self.moe.validate()
@@ -109,8 +115,14 @@ class DistillConfig:
     tau: float = 1.0  # KL temperature
     impl: str = "auto"  # auto | naive | gram (the MSE fast path)
     include_embeddings: bool = True  # T also aligns the embedding output (layer 0)
+    # A's relation heads: 0 = per attention head (teacher and student need the same num_heads); n > 0 =
+    # MiniLMv2's relation heads: each of Q, K, V (heads concatenated) is split into n heads of
+    # hidden_size / n, so teacher and student may differ in heads (n must divide both hidden sizes)
+    relation_heads: int = 0
 
     def validate(self) -> None:
+        if self.relation_heads < 0:
+            raise ConfigError(f"distill.relation_heads must be >= 0 (0 = per attention head), got {self.relation_heads}")
         bad = set(self.positions) - set("TIA")
         if bad or not self.positions:
             raise ConfigError(f"distill.positions must be a non-empty subset of 'TIA', got {self.positions!r}")
@@ -144,7 +156,7 @@ class DataConfig:
     """Pre-training corpus, tokenizer, packing and the held-out evaluation sets."""
 
     corpus: str = "../shared/data/wikipedia-en-2015"  # WikiExtractor dir, text files, or a hub name
-    vocab: str = "../shared/data/vocab/bert-base-uncased-vocab.txt"  # vocab.txt, or a hub tokenizer name
+    vocab: str = "../shared/data/vocab/bert-base-uncased-vocab.txt"  # vocab.txt, a hub tokenizer name, or wordpiece:N
     max_seq_len: int = 128
     max_documents: int = 0  # 0: the whole corpus
     val_fraction: float = 0.01  # held out from the corpus, by sequence index
@@ -162,6 +174,13 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.mlm_probability < 1:
             raise ConfigError(f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        if self.vocab.startswith("wordpiece:"):
+            from tcd_ds.data.fallback import MIN_TRAINED_VOCAB, trained_vocab_size
+
+            size = trained_vocab_size(self.vocab)
+            if size is None or size < MIN_TRAINED_VOCAB:
+                raise ConfigError(f"data.vocab={self.vocab!r}: a trained vocab is wordpiece:N with N >= "
+                                  f"{MIN_TRAINED_VOCAB} (e.g. wordpiece:8192)")
 
     def eval_sets(self) -> dict[str, str]:
         out = {}

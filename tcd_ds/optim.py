@@ -16,13 +16,27 @@ import torch.distributed as dist
 from tcd_ds.config import TrainConfig
 
 
+def no_weight_decay(name: str, p: torch.Tensor) -> bool:
+    """Whether a parameter is exempt from weight decay, by its role, the same in every MoE backend:
+    biases (1-D ones, and an expert bank's stacked `[E, F]` / `[E, H]` biases, marked
+    `tcd_role = "bias"`) and LayerNorm weights are; every weight matrix decays (embeddings, the
+    router, experts' `w1`/`w2`, DeepSpeed's per-expert `fc1`/`fc2` weights)."""
+    role = getattr(p, "tcd_role", None)
+    if role is not None:
+        return role in ("bias", "norm")
+    parent, _, leaf = name.rpartition(".")
+    expert_bias = leaf in ("b1", "b2") and parent.rpartition(".")[2] == "experts"  # also without the mark
+    return p.ndim < 2 or leaf == "bias" or expert_bias or "LayerNorm" in name
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay / no-decay groups, each split into expert and non-expert parts for DeepSpeed-MoE."""
+    """Decay / no-decay groups (`no_weight_decay`), each split into expert and non-expert parts for
+    DeepSpeed-MoE."""
     from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
+        (no_decay if no_weight_decay(name, p) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     if any(is_moe_param(p) for p in model.parameters()):
@@ -41,6 +55,21 @@ def lr_lambda(t: TrainConfig):
         return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * decay
 
     return fn
+
+
+class GuardedLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """`LambdaLR` over a `GuardedAdamW` that stays put on a step the optimizer skipped.
+
+    DeepSpeed's engine calls `lr_scheduler.step()` after every optimizer step it does not itself
+    see as an overflow, so a step skipped by our guard (a non-finite loss, or a non-finite gradient
+    DeepSpeed's own check does not flag) would still advance the schedule; a step DeepSpeed skips
+    does not. With this scheduler no skipped step moves the schedule, whoever skipped it: the LR of
+    applied step n is always `lr_lambda(n)`."""
+
+    def step(self, *args, **kwargs) -> None:
+        if getattr(self.optimizer, "skipped", False):
+            return
+        super().step(*args, **kwargs)
 
 
 class GuardedAdamW(torch.optim.AdamW):

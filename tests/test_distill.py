@@ -9,8 +9,8 @@ from tcd_ds.config import DistillConfig, ModelConfig, MoEConfig
 from tcd_ds.distill.objective import RelationObjective, check_compatible
 from tcd_ds.distill.relation import relation_loss
 from tcd_ds.distill.taps import Taps, tap_points
-from tcd_ds.distill.teacher import load_teacher
-from tcd_ds.model.bert import BertForMaskedLM
+from tcd_ds.distill.teacher import FrozenTeacher, load_teacher
+from tcd_ds.model.bert import BertForMaskedLM, BertModel
 from tcd_ds.model.hf import CheckpointError, load_hf_state_dict, save_pretrained
 
 SMALL = dict(vocab_size=120, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64, max_position=64)
@@ -189,15 +189,124 @@ def test_teacher_errors(tmp_path):
         load_teacher(tmp_path / "hf", DistillConfig(), dtype="fp16")
 
 
+def _refusal(student: ModelConfig, teacher: ModelConfig, distill: DistillConfig) -> str:
+    with pytest.raises(CheckpointError) as err:
+        check_compatible(student, teacher, distill)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
 def test_compatibility_checks_name_the_mismatch():
     student = ModelConfig(**SMALL)
-    with pytest.raises(CheckpointError, match="teacher hidden_size 64 != student hidden_size 32"):
-        check_compatible(student, ModelConfig(**{**SMALL, "hidden_size": 64}), DistillConfig())
-    with pytest.raises(CheckpointError, match="teacher vocab_size 99 != student vocab_size 120"):
-        check_compatible(student, ModelConfig(**{**SMALL, "vocab_size": 99}), DistillConfig())
-    with pytest.raises(CheckpointError, match="num_heads 8 != student num_heads 4"):
-        check_compatible(student, ModelConfig(**{**SMALL, "num_heads": 8}), DistillConfig(positions="A"))
-    check_compatible(student, ModelConfig(**{**SMALL, "hidden_size": 64}), DistillConfig(positions="A"))
+    assert _refusal(student, ModelConfig(**{**SMALL, "vocab_size": 99}), DistillConfig()) == \
+        "teacher vocab_size 99 != student vocab_size 120: they must share the tokenizer"
+    assert _refusal(student, ModelConfig(**{**SMALL, "num_heads": 8}), DistillConfig(positions="A")) == \
+        ("teacher num_heads 8 != student num_heads 4: A aligns per attention head; set distill.relation_heads to a "
+         "number of relation heads dividing both hidden sizes (32, 32)")
+    assert _refusal(student, ModelConfig(**{**SMALL, "hidden_size": 48, "num_heads": 8}),
+                    DistillConfig(relation_heads=32)) == \
+        "distill.relation_heads=32 must divide the student hidden_size 32 and the teacher hidden_size 48"
+    assert _refusal(student, ModelConfig(**{**SMALL, "hidden_size": 64}), DistillConfig(impl="gram")) == \
+        ("distill.impl=gram loses precision when widths differ (T: student 32, teacher 64); "
+         "set distill.impl=auto or naive")
+    # what aligns: other widths (T, I and per-head A), other head counts through relation heads
+    for teacher in (ModelConfig(**{**SMALL, "hidden_size": 64}), ModelConfig(**{**SMALL, "hidden_size": 16})):
+        check_compatible(student, teacher, DistillConfig())
+    check_compatible(student, ModelConfig(**{**SMALL, "hidden_size": 48, "num_heads": 12}),
+                     DistillConfig(relation_heads=8))
+    check_compatible(student, ModelConfig(**SMALL), DistillConfig(impl="gram"))
+
+
+def _ref_mse(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """float64 MSE relation loss, one valid-token cosine matrix per sequence (and per leading head dim)."""
+    s, t = s.double(), t.double()
+    if s.dim() == 3:
+        s, t = s[:, None], t[:, None]
+    losses = []
+    for b in range(s.shape[0]):
+        idx = mask[b].bool()
+        for h in range(s.shape[1]):
+            cs, ct = (torch.nn.functional.normalize(x[b, h, idx], dim=-1) for x in (s, t))
+            losses.append(((cs @ cs.T - ct @ ct.T) ** 2).sum() / int(idx.sum()) ** 2)
+    return torch.stack(losses).mean()
+
+
+def _tapped_pair(student_cfg: ModelConfig, teacher_cfg: ModelConfig, distill: DistillConfig, seed: int = 0):
+    """Student and teacher (float64) taps of one batch, and each model's Q/K/V projection outputs
+    `[B, S, hidden]` (by forward hooks, for the references)."""
+    ids, mask = batch(seed)
+    torch.manual_seed(seed)
+    student = BertForMaskedLM(student_cfg).double().eval()
+    teacher = FrozenTeacher(BertModel(teacher_cfg).double(), distill.positions, distill.include_embeddings,
+                            teacher_cfg.num_layers)
+    projections = {}
+
+    def keep(side, layer, name):
+        return lambda m, args, out: projections.setdefault((side, layer, name), out.detach())
+
+    hooks = []
+    for side, bert in (("s", student.bert), ("t", teacher.encoder)):
+        for i, layer in enumerate(bert.encoder.layer, start=1):
+            for name in "qkv":
+                module = getattr(layer.attention.self, {"q": "query", "k": "key", "v": "value"}[name])
+                hooks.append(module.register_forward_hook(keep(side, i, name)))
+    taps = Taps(tap_points(student, distill.positions, distill.include_embeddings))
+    with torch.no_grad(), taps:
+        student(ids, mask)
+    teacher_taps = teacher(ids, mask)
+    for h in hooks:
+        h.remove()
+    return taps.captured, teacher_taps, projections, mask
+
+
+@pytest.mark.parametrize("teacher_hidden", [64, 16], ids=["wider-teacher", "narrower-teacher"])
+def test_teachers_of_another_width_align_T_I_and_A(teacher_hidden):
+    """A teacher wider or narrower than the student: T, I and per-head A relations are L x L whatever the
+    widths, and every term equals its float64 reference on the very tensors tapped."""
+    student_cfg = ModelConfig(**SMALL)
+    teacher_cfg = ModelConfig(**{**SMALL, "hidden_size": teacher_hidden, "intermediate_size": 2 * teacher_hidden})
+    distill = DistillConfig()
+    check_compatible(student_cfg, teacher_cfg, distill)  # what the trainer checks before any compute
+    s, t, _, mask = _tapped_pair(student_cfg, teacher_cfg, distill)
+    assert s[("T", 1, "out")].shape[-1] == 32 and t[("T", 1, "out")].shape[-1] == teacher_hidden
+    total, terms = RelationObjective(distill, 3, 3)(s, t, mask)
+    for (position, layer, name), x in s.items():
+        key = f"{position}/{layer}" + ("" if name == "out" else f"/{name}")
+        want = _ref_mse(x, t[(position, layer, name)], mask)
+        assert terms[key].item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12), key
+    assert total.item() == pytest.approx(sum(terms[p].item() for p in "TIA"), rel=1e-9)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_relation_heads_align_A_across_head_counts(n):
+    """MiniLMv2 relation heads: a 4-head teacher of width 32 and a 2-head student of width 16. Q, K and V
+    (heads concatenated, [B, S, hidden]) are split into n relation heads on both sides; each A term equals
+    the float64 mean over sequences and relation heads of the cosine-relation MSE of those splits."""
+    student_cfg = ModelConfig(**{**SMALL, "hidden_size": 16, "num_heads": 2, "intermediate_size": 32})
+    teacher_cfg = ModelConfig(**SMALL)
+    distill = DistillConfig(positions="A", relation_heads=n)
+    check_compatible(student_cfg, teacher_cfg, distill)
+    s, t, proj, mask = _tapped_pair(student_cfg, teacher_cfg, distill, seed=2)
+    _, terms = RelationObjective(distill, 3, 3)(s, t, mask)
+    b, length = mask.shape
+    for layer in (1, 2, 3):
+        for name in "qkv":
+            split = [proj[(side, layer, name)].reshape(b, length, n, -1).transpose(1, 2) for side in "st"]
+            want = _ref_mse(*split, mask)
+            assert terms[f"A/{layer}/{name}"].item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
+
+
+def test_relation_heads_equal_per_head_when_counts_match():
+    """With equal head counts, relation_heads = num_heads is the per-head alignment (the default) exactly."""
+    cfg = ModelConfig(**SMALL)
+    s, t, _, mask = _tapped_pair(cfg, ModelConfig(**{**SMALL, "hidden_size": 64}), DistillConfig(positions="A"))
+    per_head = RelationObjective(DistillConfig(positions="A"), 3, 3)(s, t, mask)[1]
+    relation = RelationObjective(DistillConfig(positions="A", relation_heads=4), 3, 3)(s, t, mask)[1]
+    assert per_head.keys() == relation.keys()
+    for k in per_head:
+        assert torch.equal(per_head[k], relation[k]), k
+    two = RelationObjective(DistillConfig(positions="A", relation_heads=2), 3, 3)(s, t, mask)[1]
+    assert not torch.equal(two["A"], per_head["A"])  # another split is another loss
 
 
 def test_objective_averages_positions_and_maps_layers():
@@ -220,3 +329,12 @@ def test_objective_averages_positions_and_maps_layers():
     assert terms["A"].item() == pytest.approx(
         sum(terms[f"A/{i}/{n}"].item() for i in (1, 2, 3) for n in "qkv") / 9)
     assert total.item() == pytest.approx(2.0 * terms["T"].item() + 0.5 * terms["I"].item(), rel=1e-6)
+
+
+def test_relation_heads_config_is_validated():
+    from tcd_ds.config import ConfigError, build_config
+
+    assert build_config("tiny", ["mode=moe", "distill.relation_heads=4"]).distill.relation_heads == 4
+    with pytest.raises(ConfigError) as err:
+        build_config("tiny", ["mode=moe", "distill.relation_heads=-1"])
+    assert str(err.value) == "distill.relation_heads must be >= 0 (0 = per attention head), got -1"

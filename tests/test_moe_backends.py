@@ -377,3 +377,92 @@ def test_deepspeed_expert_parallel_two_ranks():
     """ep_size=2 over two gloo processes: each holds half the experts, tokens cross by all-to-all, and
     outputs and gradients equal the torch reference on the full weights."""
     torch.multiprocessing.spawn(_ep_worker, args=(_free_port(),), nprocs=2, join=True)
+
+
+# --------------------------------------------------------------------------- initialisation
+
+
+def _init_model(backend: str, ep: int, seed: int = 11):
+    from tcd_ds.model.bert import BertForMaskedLM
+
+    cfg = ModelConfig(vocab_size=50, hidden_size=H, num_layers=2, num_heads=2, intermediate_size=F_, max_position=16,
+                      moe=MoEConfig(num_experts=E, top_k=2, backend=backend, ep_size=ep))
+    cfg.validate()
+    torch.manual_seed(seed)
+    return BertForMaskedLM(cfg)
+
+
+def _moe_layers(model: nn.Module) -> list[nn.Module]:
+    return [layer.moe for layer in model.bert.encoder.layer]
+
+
+def _non_expert_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if ".moe." not in k}
+
+
+def _init_worker(rank: int, port: int) -> None:
+    torch.set_num_threads(1)
+    td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                          timeout=timedelta(seconds=60))
+    try:
+        full = _init_model("deepspeed", 1)  # ep_size 1: every expert on this rank
+        for when in ("before the expert groups exist (as in the trainer)", "with the expert groups"):
+            if when.startswith("with"):
+                ensure_expert_groups(2)
+            half = _init_model("deepspeed", 2)
+            for a, b in zip(_moe_layers(full), _moe_layers(half)):
+                sa, sb = a.canonical_state_dict(), b.canonical_state_dict()
+                assert torch.equal(sa["router.weight"], sb["router.weight"]), when
+                for key in ("experts.w1", "experts.w2", "experts.b1", "experts.b2"):
+                    parts = [torch.empty_like(sb[key]) for _ in range(2)]
+                    td.all_gather(parts, sb[key].contiguous())
+                    assert torch.equal(torch.cat(parts), sa[key]), (when, key)  # gathered at ep 2 == ep 1
+                w1 = sa["experts.w1"]
+                assert all(not torch.equal(w1[i], w1[j]) for i in range(E) for j in range(i)), when  # all differ
+            for k, v in _non_expert_state(full).items():  # the same RNG stream whatever ep_size
+                assert torch.equal(_non_expert_state(half)[k], v), (when, k)
+    finally:
+        if ds_comm.is_initialized():
+            ds_comm.destroy_process_group()
+        else:
+            td.destroy_process_group()
+
+
+def test_expert_init_does_not_depend_on_ep_size():
+    """Two ranks, ep_size 2: the experts gathered from both ranks equal those an ep_size 1 model builds for
+    the same seed (not copies of the local ones), and every other weight is the same too."""
+    torch.multiprocessing.spawn(_init_worker, args=(_free_port(),), nprocs=2, join=True)
+
+
+def test_expert_init_is_the_same_in_every_backend():
+    """Resetting an MoE layer from the same RNG state gives every backend the same router and experts."""
+    states = {}
+    for backend in ("torch", "grouped", "deepspeed"):
+        layer = build_moe(_cfg(2, backend=backend))
+        torch.manual_seed(3)
+        layer.reset_expert_parameters(0.02)
+        states[backend] = layer.canonical_state_dict() if isinstance(layer, DeepSpeedMoE) else _canonical(layer)
+    for backend in ("grouped", "deepspeed"):
+        for k, v in states["torch"].items():
+            assert torch.equal(states[backend][k], v), (backend, k)
+    w1 = states["torch"]["experts.w1"]
+    assert abs(w1.std().item() - 0.02) < 0.005 and not torch.equal(w1[0], w1[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "grouped", "deepspeed"])
+def test_moe_layer_is_initialised_by_its_constructor(backend, monkeypatch):
+    """A layer built and used without `init_weights` never routes on uninitialised memory: with
+    torch.empty returning NaN, every parameter of a freshly built layer is still finite."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    layer = build_moe(_cfg(2, backend=backend))
+    monkeypatch.setattr(torch, "empty", real_empty)
+    for name, p in layer.named_parameters():
+        assert torch.isfinite(p).all(), name
+    router = layer.gate.weight if isinstance(layer, DeepSpeedMoE) else layer.router.weight
+    assert router.abs().max() > 0

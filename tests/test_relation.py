@@ -154,6 +154,24 @@ def test_gram_near_cancellation_fp32():
     assert abs(naive - ref) / ref < 1e-5
 
 
+@pytest.mark.parametrize("noise,tol", [(1e-4, 1e-3), (1e-5, 1e-3), (1e-6, 0.1)])
+def test_auto_is_accurate_near_convergence_with_unequal_widths(noise, tol):
+    """L=512, teacher width 32, student width 64, the student an isometric image of the teacher plus
+    noise (so its relations nearly equal the teacher's): fp32 `auto` against float64 on the same inputs.
+    (The Gram form, the old `auto` choice here, came out negative: -1.9e-9 for a true 6.4e-10.)"""
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 512, 32, generator=gen, dtype=torch.float64)
+    iso = torch.linalg.qr(torch.randn(64, 32, generator=gen, dtype=torch.float64))[0].T  # orthonormal rows
+    s = t @ iso + noise * torch.randn(2, 512, 64, generator=gen, dtype=torch.float64)
+    s, t = s.float(), t.float()
+    mask = torch.ones(2, 512, dtype=torch.bool)
+    mask[1, 400:] = False
+    ref = ref_mse(s, t, mask).item()  # float64 from the fp32 inputs
+    assert 1e-15 < ref < 1e-8
+    for got in (relation_loss(s, t, mask), rel.relation_losses([s], [t], mask)[0]):
+        assert abs(got.item() - ref) / ref < tol, (got.item(), ref)
+
+
 # --------------------------------------------------------------------------- properties
 
 
@@ -251,7 +269,8 @@ def test_kl_matches_float64_reference(case, tau):
 
 def test_choose_impl():
     assert choose_impl("mse", 64, 64, 512) == "gram"
-    assert choose_impl("mse", 64, 768, 512) == "naive"  # max(Ds, Dt) decides
+    assert choose_impl("mse", 64, 768, 512) == "naive"  # unequal widths
+    assert choose_impl("mse", 32, 64, 512) == "naive"  # unequal widths, both < L: Gram would cancel (below)
     assert choose_impl("mse", 512, 512, 512) == "naive"  # strict: D < L
     assert choose_impl("mse", 64, 64, 512, "naive") == "naive"
     assert choose_impl("mse", 768, 768, 128, "gram") == "gram"

@@ -256,8 +256,12 @@ def test_bad_data_inputs_fail_with_one_line(shared_data, tmp_path):
     assert msg.startswith("error: data: ") and str(short) in msg, msg
 
 
-def test_bad_teacher_fails_with_one_line(tmp_path):
-    base = BASE + ["--mode", "tcd", f"run_dir={tmp_path / 'run'}"]
+def test_bad_teacher_fails_with_one_line(shared_data, tmp_path):
+    # the student's vocab is the shared BERT vocab (30522), passed explicitly: without it the trainer would
+    # fall back to its bundled vocab, whatever sits beside the repo
+    base = BASE + ["--mode", "tcd", f"run_dir={tmp_path / 'run'}",
+                   f"data.vocab={shared_data / 'vocab' / 'bert-base-uncased-vocab.txt'}",
+                   f"data.corpus={shared_data / 'wikipedia-en-2015'}"]
     cfg = ModelConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256,
                       max_position=128)
     save_pretrained(BertForMaskedLM(cfg), cfg, tmp_path / "vocab1000")

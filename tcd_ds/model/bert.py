@@ -252,9 +252,31 @@ class BertForSequenceClassification(nn.Module):
         return loss + enc.aux_loss, logits, enc.aux_loss
 
 
+def sinusoid_table(positions: int, dim: int) -> torch.Tensor:
+    """Vaswani et al.'s table, [positions, dim] in float64: sin on even features, cos on odd ones."""
+    pos = torch.arange(positions, dtype=torch.float64)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-torch.log(torch.tensor(10000.0,
+                                                                                          dtype=torch.float64)) / dim))
+    table = torch.zeros(positions, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return table
+
+
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
-    """BERT's init: normal(0, initializer_range) for matrices, zeros for biases, ones for LayerNorm."""
-    for module in model.modules():
+    """BERT's init: normal(0, initializer_range) for matrices, zeros for biases, ones for LayerNorm;
+    with `position_init="sinusoidal"` the position embeddings start as a sinusoid table scaled to the
+    same std (sin and cos have std 1/sqrt(2)), drawn after everything else (same RNG stream).
+
+    An MoE FFN initialises itself (`reset_expert_parameters`: the router from the global RNG, each
+    expert from its global index) and its submodules are not visited again: the DeepSpeed backend's
+    experts are `nn.Linear`s, and re-drawing them here from the global RNG would make experts copies
+    of each other across expert-parallel ranks and the later layers depend on ep_size."""
+
+    def visit(module: nn.Module) -> None:
+        if hasattr(module, "reset_expert_parameters"):
+            module.reset_expert_parameters(cfg.initializer_range)
+            return
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=cfg.initializer_range)
             if isinstance(module, nn.Linear) and module.bias is not None:
@@ -264,8 +286,16 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-        elif hasattr(module, "reset_expert_parameters"):
-            module.reset_expert_parameters(cfg.initializer_range)
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    if getattr(cfg, "position_init", "normal") == "sinusoidal":
+        for module in model.modules():
+            if isinstance(module, Embeddings):
+                weight = module.position_embeddings.weight
+                with torch.no_grad():
+                    weight.copy_(sinusoid_table(*weight.shape) * (cfg.initializer_range * 2 ** 0.5))
 
 
 def num_parameters(model: nn.Module, active: bool = False) -> int:

@@ -82,13 +82,36 @@ def capacity(num_tokens: int, cfg: MoEConfig, training: bool) -> int | None:
     return max(cfg.min_capacity, math.ceil(factor * num_tokens * cfg.top_k / cfg.num_experts))
 
 
-class Router(nn.Module):
-    """Linear gate in fp32 with optional multiplicative jitter (training only) and top-k."""
+def expert_seed() -> int:
+    """One draw from the global torch RNG: the base seed of one MoE layer's experts.
 
-    def __init__(self, hidden_size: int, cfg: MoEConfig):
+    Every rank draws it alike (they seed identically), whatever `ep_size`, so expert `e` of the layer
+    comes from its own generator seeded `base + e` and is the same whichever rank builds it."""
+    return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+
+
+def expert_weights(base_seed: int, expert: int, hidden_size: int, intermediate_size: int, std: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial canonical weights of global expert `expert`: `w1 [H, F]`, `w2 [F, H]`, normal(0, std) in fp32
+    from a generator of its own (so they depend on the expert's global index only, not on which rank,
+    backend or expert-parallel size builds it)."""
+    gen = torch.Generator().manual_seed(base_seed + expert)
+    w1 = torch.empty(hidden_size, intermediate_size).normal_(0.0, std, generator=gen)
+    w2 = torch.empty(intermediate_size, hidden_size).normal_(0.0, std, generator=gen)
+    return w1, w2
+
+
+class Router(nn.Module):
+    """Linear gate in fp32 with optional multiplicative jitter (training only) and top-k.
+
+    The weight is initialised normal(0, std) here, so a layer built and used without `init_weights`
+    never routes on uninitialised memory."""
+
+    def __init__(self, hidden_size: int, cfg: MoEConfig, std: float = 0.02):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden_size))
+        nn.init.normal_(self.weight, std=std)
 
     def forward(self, x: torch.Tensor) -> Routing:
         x = x.float()
@@ -126,7 +149,7 @@ class MoELayer(nn.Module):
     def __init__(self, cfg: ModelConfig, experts: nn.Module):
         super().__init__()
         self.cfg = cfg.moe
-        self.router = Router(cfg.hidden_size, cfg.moe)
+        self.router = Router(cfg.hidden_size, cfg.moe, cfg.initializer_range)
         self.experts = experts
 
     def reset_expert_parameters(self, std: float) -> None:

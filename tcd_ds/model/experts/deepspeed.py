@@ -44,7 +44,7 @@ from deepspeed.utils import groups
 from torch import nn
 
 from tcd_ds.config import ConfigError, ModelConfig
-from tcd_ds.model.moe import MoEStats, balance_loss, z_loss
+from tcd_ds.model.moe import MoEStats, balance_loss, expert_seed, expert_weights, z_loss
 
 _NO_GROUPS = ("the deepspeed MoE backend needs torch.distributed and DeepSpeed's expert groups: run the model "
               "inside deepspeed.initialize(...), or call tcd_ds.model.experts.deepspeed.ensure_expert_groups"
@@ -128,12 +128,39 @@ class DeepSpeedMoE(nn.Module):
             raise RuntimeError(_NO_GROUPS)
         return torch.distributed.get_rank(groups._get_expert_parallel_group(name)) * self.num_local_experts
 
+    def init_expert_offset(self) -> int:
+        """Global index of this rank's first expert, known before DeepSpeed's groups exist (the model is
+        built, and initialised, before `deepspeed.initialize` creates them): from the groups when they
+        exist, else from DeepSpeed's own layout of the expert-parallel groups over the world
+        (`groups._get_expert_parallel_ranks`, ranks `[i * ep, (i + 1) * ep)` with no tensor parallelism);
+        0 in one process without torch.distributed (which cannot run ep_size > 1 anyway)."""
+        if self.ep_size == 1:
+            return 0
+        if (torch.distributed.is_initialized()
+                and f"ep_size_{self.ep_size}" in groups._get_expert_parallel_group_dict()):
+            return self.local_expert_offset
+        if not torch.distributed.is_initialized():
+            return 0
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        if world % self.ep_size:
+            raise ConfigError(f"model.moe.ep_size={self.ep_size} does not divide the world size {world}")
+        ep_groups, _ = groups._get_expert_parallel_ranks(world, 1, self.ep_size)
+        ranks = next(g for g in ep_groups if rank in g)
+        return ranks.index(rank) * self.num_local_experts
+
     def reset_expert_parameters(self, std: float) -> None:
+        """The gate from the global RNG (replicated), then global expert e = offset + i from its own
+        generator (`tcd_ds.model.moe.expert_weights`): the gathered experts are the same for every
+        ep_size, and equal to the torch backend's expert e for the same base seed."""
         nn.init.normal_(self.gate.weight, std=std)
-        for expert in self.local_experts:
-            for fc in (expert.fc1, expert.fc2):
-                nn.init.normal_(fc.weight, std=std)
-                nn.init.zeros_(fc.bias)
+        base, offset = expert_seed(), self.init_expert_offset()
+        with torch.no_grad():
+            for i, expert in enumerate(self.local_experts):
+                w1, w2 = expert_weights(base, offset + i, expert.fc1.in_features, expert.fc1.out_features, std)
+                expert.fc1.weight.copy_(w1.t())
+                expert.fc2.weight.copy_(w2.t())
+                nn.init.zeros_(expert.fc1.bias)
+                nn.init.zeros_(expert.fc2.bias)
 
     def _attach_groups(self) -> None:
         if self.moe.deepspeed_moe.ep_group is not None:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tcd_ds.config import ConfigError, ModelConfig
-from tcd_ds.model.moe import MoEStats, Routing, router_stats, tag_expert_params
+from tcd_ds.model.moe import MoEStats, Routing, expert_seed, expert_weights, router_stats, tag_expert_params
 
 UNAVAILABLE = ("the megablocks MoE backend needs the megablocks package and an NVIDIA GPU: pip install -r "
                "requirements-gpu.txt on a GPU node (megablocks 0.10.0 builds only where an NVIDIA driver "
@@ -87,8 +87,15 @@ class MegaBlocksMoE(nn.Module):
         return self.dmoe.experts.mlp
 
     def reset_expert_parameters(self, std: float) -> None:
-        for w in (self.router_weight, self.mlp.w1, self.mlp.w2):
-            nn.init.normal_(w, std=std)
+        """The router from the global RNG, expert e from its own generator (as every backend)."""
+        nn.init.normal_(self.router_weight, std=std)
+        base = expert_seed()
+        f, h = self.mlp.w1.shape[0] // self.num_experts, self.mlp.w1.shape[1]
+        w1, w2 = zip(*(expert_weights(base, e, h, f, std) for e in range(self.num_experts)))
+        mb1, mb2 = canonical_to_megablocks(torch.stack(w1), torch.stack(w2))
+        with torch.no_grad():
+            self.mlp.w1.copy_(mb1)
+            self.mlp.w2.copy_(mb2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         seen = {}

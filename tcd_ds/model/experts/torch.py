@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tcd_ds.model.moe import expert_seed, expert_weights
+
 
 class _ExpertLoop(torch.autograd.Function):
     """The loop over experts with its backward written out: each expert's rows are one contiguous
@@ -86,11 +88,19 @@ class Experts(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(e, f))
         self.w2 = nn.Parameter(torch.empty(e, f, h))
         self.b2 = nn.Parameter(torch.zeros(e, h))
+        for b in (self.b1, self.b2):  # stacked [E, F] / [E, H] biases: biases for the optimizer (no decay)
+            b.tcd_role = "bias"
         self.reset_parameters(0.02)
 
-    def reset_parameters(self, std: float) -> None:
-        for w in (self.w1, self.w2):
-            nn.init.normal_(w, std=std)
+    def reset_parameters(self, std: float, base_seed: int | None = None) -> None:
+        """Expert e gets `expert_weights(base_seed, e, ...)` (base_seed: one draw of the global RNG by
+        default), the same weights as expert e of any other backend or expert-parallel size."""
+        base_seed = expert_seed() if base_seed is None else base_seed
+        with torch.no_grad():
+            for e in range(self.w1.shape[0]):
+                w1, w2 = expert_weights(base_seed, e, self.w1.shape[1], self.w1.shape[2], std)
+                self.w1[e].copy_(w1)
+                self.w2[e].copy_(w2)
         for b in (self.b1, self.b2):
             nn.init.zeros_(b)
 

@@ -1,0 +1,233 @@
+"""The optimizer's rules in every MoE backend, the LR schedule on skipped steps, and the router's
+gradient through the trainer's step (DeepSpeed engines in this process, a gloo world of one)."""
+from __future__ import annotations
+
+import json
+import re
+import socket
+from datetime import timedelta
+
+import deepspeed.comm as ds_comm
+import pytest
+import torch
+import torch.distributed as td
+
+from tcd_ds import train as trainer
+from tcd_ds.config import DistillConfig, ModelConfig, build_config
+from tcd_ds.distill.objective import RelationObjective
+from tcd_ds.distill.taps import Taps, tap_points
+from tcd_ds.distill.teacher import FrozenTeacher
+from tcd_ds.model.bert import BertForMaskedLM, BertModel
+from tcd_ds.optim import lr_lambda, param_groups
+
+from trainer_utils import REPO
+
+E, H, V, S = 4, 16, 60, 12
+BACKENDS = ("torch", "grouped", "deepspeed")
+OVERRIDES = ["mode=moe", f"model.vocab_size={V}", f"model.hidden_size={H}", "model.intermediate_size=32",
+             "model.num_heads=2", "model.num_layers=2", "model.max_position=16", "data.max_seq_len=16",
+             f"model.moe.num_experts={E}", "model.moe.top_k=2", "model.hidden_dropout=0",
+             "model.attention_dropout=0", "train.warmup_steps=3", "train.max_steps=10", "train.micro_batch_size=2",
+             "train.lr=0.01", "train.weight_decay=0.1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """A gloo world of one process, with the environment DeepSpeed's engine expects of a launcher."""
+    port = _free_port()
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+            env.setenv(key, value)
+        owned = not td.is_initialized()
+        if owned:
+            td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                                  timeout=timedelta(seconds=60))
+        yield
+        if owned:
+            if ds_comm.is_initialized():
+                ds_comm.destroy_process_group()  # also drops DeepSpeed's cached expert groups
+            else:
+                td.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- parameter groups
+
+_DS_EXPERT = re.compile(r"^(.*)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(fc1|fc2)\.(weight|bias)$")
+_DS_GATE = re.compile(r"^(.*)\.moe\.deepspeed_moe\.gate\.wg\.weight$")
+_BANK = re.compile(r"^(.*)\.moe\.experts\.(w1|b1|w2|b2)$")
+_CANONICAL = {("fc1", "weight"): "w1", ("fc1", "bias"): "b1", ("fc2", "weight"): "w2", ("fc2", "bias"): "b2"}
+
+
+def _logical(name: str, p: torch.Tensor) -> list[str]:
+    """The backend-independent names a parameter holds: one per expert for a stacked expert bank."""
+    if m := _DS_EXPERT.match(name):
+        return [f"{m[1]}.experts.{_CANONICAL[(m[3], m[4])]}[{m[2]}]"]  # m[1] ends in the layer's .moe
+    if m := _DS_GATE.match(name):
+        return [f"{m[1]}.router.weight"]
+    if _BANK.match(name):
+        return [f"{name}[{e}]" for e in range(p.shape[0])]
+    return [name]
+
+
+def test_every_backend_puts_the_same_parameters_in_the_same_group():
+    """Weight decay by role: expert biases are biases whether stacked [E, F] (torch, grouped) or 1-D
+    (deepspeed), so every backend trains the same logical parameters the same way."""
+    decay_of = {}
+    for backend in BACKENDS:
+        cfg = build_config("tiny", OVERRIDES + [f"model.moe.backend={backend}"])
+        model = BertForMaskedLM(cfg.student_model())
+        groups = param_groups(model, 0.1)
+        group_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+        assert sum(len(g["params"]) for g in groups) == len(group_of) == len(list(model.parameters()))
+        decay_of[backend] = {ln: group_of[id(p)] for n, p in model.named_parameters() for ln in _logical(n, p)}
+    for backend in BACKENDS[1:]:
+        assert decay_of[backend] == decay_of["torch"], backend
+    d, moe = decay_of["torch"], "bert.encoder.layer.0.moe."
+    assert all(d[f"{moe}experts.{b}[{e}]"] == 0.0 for b in ("b1", "b2") for e in range(E))
+    assert all(d[f"{moe}experts.{w}[{e}]"] == 0.1 for w in ("w1", "w2") for e in range(E))
+    assert d[f"{moe}router.weight"] == 0.1 and d["bert.embeddings.word_embeddings.weight"] == 0.1
+    assert d["bert.encoder.layer.0.attention.output.LayerNorm.weight"] == 0.0 == d["cls.predictions.bias"]
+    assert d["bert.encoder.layer.0.attention.self.query.bias"] == 0.0
+    assert d["bert.encoder.layer.0.attention.self.query.weight"] == 0.1
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def _engine(tmp_path, overrides: list[str], stage: int = 2):
+    cfg = build_config("tiny", OVERRIDES + overrides)
+    ds_file = tmp_path / f"zero{stage}.json"
+    ds = json.loads((REPO / "ds_configs" / "cpu_zero2.json").read_text())
+    ds["zero_optimization"]["stage"] = stage
+    ds_file.write_text(json.dumps(ds))
+    torch.manual_seed(0)
+    model = BertForMaskedLM(cfg.student_model())
+    engine, optimizer, scheduler = trainer.build_engine(cfg, model, trainer.load_ds_config(
+        str(ds_file), cfg, torch.device("cpu")))
+    return cfg, engine, optimizer, scheduler
+
+
+def _batch(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, V, (2, S), generator=gen)
+    mask = torch.ones(2, S, dtype=torch.long)
+    mask[1, S - 3:] = 0
+    labels = torch.where(torch.rand(2, S, generator=gen) < 0.4, ids, -100)
+    labels[:, 0] = ids[:, 0]
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+            "labels": labels.masked_fill(mask == 0, -100)}
+
+
+def test_a_skipped_step_does_not_advance_the_lr_schedule(world_of_one, tmp_path):
+    """Steps skipped by our guard (a non-finite loss: the trainer back-propagates an exact zero and asks
+    for a skip) and steps with non-finite gradients leave the weights and the LR schedule as they were,
+    as DeepSpeed does for the steps it skips itself: after n applied steps the LR is lr * lr_lambda(n)."""
+    cfg, engine, optimizer, scheduler = _engine(tmp_path, [])
+    kinds = ["ok", "nonfinite-loss", "ok", "nonfinite-grad", "nonfinite-loss", "ok"]
+    applied, lrs, expected = 0, [], []
+    for i, kind in enumerate(kinds):
+        batch = _batch(i)
+        before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+        optimizer.begin_step()
+        out = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], labels=batch["labels"])
+        loss = out.loss
+        if kind == "nonfinite-loss":  # what the trainer does when a loss term is not finite
+            optimizer.skip_requested = True
+            loss = sum(p.sum() * 0.0 for p in engine.module.parameters())
+        elif kind == "nonfinite-grad":
+            poison = next(engine.module.parameters()).sum() * 0.0
+            poison.register_hook(lambda g: g * float("nan"))
+            loss = loss + poison
+        engine.backward(loss)
+        engine.step()
+        skipped = optimizer.skipped or bool(getattr(engine.optimizer, "overflow", False))
+        assert skipped == (kind != "ok"), (i, kind)
+        after = engine.module.state_dict()
+        changed = any(not torch.equal(after[k], v) for k, v in before.items())
+        assert changed == (kind == "ok"), (i, kind)
+        applied += kind == "ok"
+        lrs.append(scheduler.get_last_lr()[0])
+        expected.append(cfg.train.lr * lr_lambda(cfg.train)(applied))
+    assert lrs == pytest.approx(expected, rel=1e-12), (lrs, expected)
+
+
+# --------------------------------------------------------------------------- router gradient
+
+
+def _router_weight(moe: torch.nn.Module) -> torch.nn.Parameter:
+    return moe.gate.weight if hasattr(moe, "gate") else moe.router.weight
+
+
+def _expected_router_loss_grad(h: torch.Tensor, weight: torch.Tensor, aux_w: float, z_w: float) -> torch.Tensor:
+    """d/dW of aux_w * Switch balance + z_w * z-loss, recomputed in float64 from the router's input:
+    balance = E * sum_e f_e * mean_t softmax(x W^T)_te (f_e: fraction of first choices, constant),
+    z = mean_t logsumexp(x W^T)_t^2."""
+    w = weight.detach().double().requires_grad_(True)
+    logits = h.detach().reshape(-1, h.shape[-1]).double() @ w.T
+    probs = logits.softmax(-1)
+    fraction = torch.bincount(probs.argmax(-1), minlength=w.shape[0]).double() / probs.shape[0]
+    balance = w.shape[0] * (fraction * probs.mean(0)).sum()
+    z = torch.logsumexp(logits, -1).square().mean()
+    (grad,) = torch.autograd.grad(aux_w * balance + z_w * z, w)
+    return grad
+
+
+@pytest.mark.parametrize("mode", ["moe", "tcd"])
+@pytest.mark.parametrize("z_weight", [0.0, 0.1], ids=["balance", "balance+z"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_router_gradient_includes_the_router_losses_through_the_trainer_step(world_of_one, tmp_path, backend,
+                                                                             z_weight, mode):
+    """The gradient the trainer's step (`forward_loss` + `engine.backward`) leaves on the router is that
+    of the MLM (+ relation) loss plus aux_loss_weight * balance + z_loss_weight * z: switching the router
+    losses' weights off changes it by exactly their float64-recomputed gradient (one MoE layer, the last,
+    so the router losses reach its router directly)."""
+    aux_weight = 0.5
+    cfg, engine, _, _ = _engine(tmp_path, [f"model.moe.backend={backend}", "model.moe.moe_every=2",
+                                           f"model.moe.aux_loss_weight={aux_weight}",
+                                           f"model.moe.z_loss_weight={z_weight}"], stage=0)
+    model = engine.module
+    taps = teacher = objective = None
+    if mode == "tcd":
+        tcfg = ModelConfig(vocab_size=V, hidden_size=H, num_layers=2, num_heads=2, intermediate_size=32,
+                           max_position=16, hidden_dropout=0.0, attention_dropout=0.0)
+        torch.manual_seed(1)
+        distill = DistillConfig()
+        teacher = FrozenTeacher(BertModel(tcfg), distill.positions, distill.include_embeddings, tcfg.num_layers)
+        objective = RelationObjective(distill, 2, 2)
+        taps = Taps(tap_points(model, distill.positions, distill.include_embeddings))
+    moe_layer = model.bert.encoder.layer[1].moe
+    router = _router_weight(moe_layer)
+    seen = {}
+    handle = moe_layer.register_forward_pre_hook(lambda m, args: seen.__setitem__("h", args[0].detach().clone()))
+    batch = _batch(3)
+
+    def router_grad() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        loss, parts, _ = trainer.forward_loss(engine, batch, taps, teacher, objective)
+        if mode == "tcd":
+            assert all(float(parts[f"L_{p}"]) > 0 for p in "TIA")  # the relation losses are in the step too
+        engine.backward(loss)
+        return router.grad.detach().double().clone()
+
+    try:
+        full = router_grad()
+        h = seen["h"]
+        moe_cfg = model.config.moe
+        moe_cfg.aux_loss_weight = moe_cfg.z_loss_weight = 0.0  # the same objective without the router losses
+        without = router_grad()
+        moe_cfg.aux_loss_weight, moe_cfg.z_loss_weight = aux_weight, z_weight
+        assert torch.equal(seen["h"], h)  # the same routing input both times
+    finally:
+        handle.remove()
+        if taps:
+            taps.remove()
+    expected = _expected_router_loss_grad(h, router, aux_weight, z_weight)
+    assert expected.abs().max() > 1e-4  # the router losses do pull on the router
+    torch.testing.assert_close(full - without, expected, rtol=1e-3, atol=1e-6 * float(expected.abs().max()) + 1e-7)
