@@ -1,22 +1,69 @@
-"""Crash-safe file writes: a temporary file in the same directory, fsync, then an atomic rename."""
+"""Crash-safe file writes: a temporary file in the same directory, fsync, then an atomic rename.
+
+Every file written here gets the mode of any file the user creates (0666 minus the umask, usually
+0644), also when the library that fills the temporary file creates it private (safetensors'
+`save_file` writes through a 0600 temporary file, the way `mkstemp` does).
+"""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (else set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def user_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0666 minus the umask."""
+    return 0o666 & ~current_umask()
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def write_atomic(path: str | os.PathLike, fill: Callable[[Path], None]) -> None:
+    """`fill(tmp)` writes the whole content to the temporary `tmp`; then it gets the user's file
+    mode, reaches the disk, and replaces `path` in one rename (a crash leaves the old `path`)."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    try:
+        fill(tmp)
+        os.chmod(tmp, user_file_mode())
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """`path` holds either its old content or all of `text`, never a partial write."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, crash-safe and with the user's file mode (not 0600)."""
+    from safetensors.torch import save_file
+
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

@@ -230,23 +230,27 @@ def export_checkpoint(tag_dir: str | Path, out_dir: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m tcd_ds.checkpoint <checkpoint dir or run dir> <out dir>`: export to HF layout."""
-    import sys
+    from tcd_ds.cli import Parser, fail
 
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        raise SystemExit("usage: python -m tcd_ds.checkpoint <checkpoint tag dir | run dir> <out dir>")
-    src = Path(args[0])
+    p = Parser(prog="python -m tcd_ds.checkpoint", description="Export a checkpoint to a Hugging Face-style "
+               "directory (config.json + model.safetensors, fp32, experts gathered).")
+    p.add_argument("source", help="a checkpoint tag dir, a run dir, or its checkpoints/ dir (latest complete)")
+    p.add_argument("out", help="the export directory to write")
+    args = p.parse_args(argv)
+    src = Path(args.source)
+    if not src.exists():
+        fail(f"{src} does not exist")
     if (src / "checkpoints").is_dir():
         src = src / "checkpoints"
     if not (src / COMPLETE).is_file():
         tag, _ = find_latest(src)
         if tag is None:
-            raise SystemExit(f"error: no complete checkpoint under {src}")
+            fail(f"no complete checkpoint under {src}")
         src = src / tag
     try:
-        print(export_checkpoint(src, args[1]))
-    except CheckpointError as err:
-        raise SystemExit(f"error: {err}") from None
+        print(export_checkpoint(src, args.out))
+    except (CheckpointError, OSError) as err:
+        fail(err)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,31 @@ SLURM_NTASKS instead; the master address then comes from MASTER_ADDR if the batc
 (slurm/launch.sh resolves the first host of the allocation), else from the first host of
 SLURM_JOB_NODELIST via `scontrol show hostnames` and `scontrol show node` (node names need not
 resolve). A plain `python -m tcd_ds.train` is a world of one.
+
+A busy host (another job on the launcher's default port 29500): under a single-node `deepspeed`
+launch (all ranks children of one `deepspeed.launcher.launch` process) the ranks never trust the
+port blindly. Rank 0 opens the rendezvous store itself -- on a free port the OS picks when the user
+did not choose one (the launcher's default 29500, no `--master_port` on the `deepspeed` command
+line, read from /proc), else on the user's port -- and publishes the port in a file keyed by the
+launcher's PID and start time (`rendezvous_file`); the other local ranks wait for that file, so they
+only ever connect to their own rank 0, never to a stranger's store. A port the user chose that is
+taken ends the run with one `error:` line naming `--master_port` and exit status 2. Multi-node,
+torchrun and Slurm launches keep their own ports (a taken one: the same one line from rank 0).
 """
 from __future__ import annotations
 
+import atexit
 import datetime
+import json
 import os
+import shutil
 import socket
 import subprocess
+import sys
+import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -72,15 +89,214 @@ def device_for(layout: Layout) -> torch.device:
     return torch.device("cpu")
 
 
+# --- the port: chosen by the user, or free -------------------------------------------------------
+
+LAUNCHER_DEFAULT_PORT = 29500  # deepspeed's (and torch's) default master port
+LAUNCH_MODULE = "deepspeed.launcher.launch"  # the per-node process that spawns the local ranks
+
+
+def port_clash(port: int, how: str = "deepspeed --master_port <free port> ...") -> SystemExit:
+    """The rendezvous port is taken: print one line naming the way out; raise the result (status 2)."""
+    print(f"error: port {port} is already in use on this host (another job's rendezvous?); "
+          f"pick a free one: {how}", file=sys.stderr, flush=True)
+    return SystemExit(2)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat from field 3 (state) on; [1] is the parent PID, [19] the start time."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of `--name=value` / `--name value` (or an argparse abbreviation of it) in argv."""
+    for i, arg in enumerate(argv):
+        key, eq, value = arg.partition("=")
+        if key.startswith("--") and len(key) >= len(name) - 3 and name.startswith(key):
+            return value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    return None
+
+
+def port_chosen_by_user(launch_argv: list[str], runner_argv: list[str]) -> bool:
+    """Whether the master port that `deepspeed.launcher.launch` got (`launch_argv`) is the user's
+    choice. The `deepspeed` runner (`runner_argv`, the launch process's parent) always passes
+    `--master_port=N` on; N is only the launcher's default when it is 29500 and the runner's own
+    options (those before the training script) have no `--master_port`. Anything unrecognised
+    counts as chosen (then a taken port is an error, never silently replaced)."""
+    port = _option(launch_argv, "--master_port")
+    if port is None:  # launch.py run by hand without one: its own default
+        return False
+    if port != str(LAUNCHER_DEFAULT_PORT):
+        return True
+    after = launch_argv[launch_argv.index(LAUNCH_MODULE) + 1:] if LAUNCH_MODULE in launch_argv else []
+    script = next((a for a in after if not a.startswith("--")), None)
+    is_runner = any(os.path.basename(a) in ("deepspeed", "ds") or a == "deepspeed.launcher.runner"
+                    for a in runner_argv[:3])
+    if not is_runner or script is None or script not in runner_argv:
+        return True
+    own = runner_argv[:runner_argv.index(script)]
+    return _option(own[1:], "--master_port") is not None
+
+
+def local_deepspeed_launch(env: dict[str, str] | None = None) -> tuple[int, bool] | None:
+    """(launcher PID, port chosen by the user) when every rank of this job is a child of one
+    `deepspeed.launcher.launch` process on this host; None otherwise (multi-node, torchrun, Slurm)."""
+    env = os.environ if env is None else env
+    if env.get("CROSS_SIZE") != "1" or env.get("LOCAL_SIZE") != env.get("WORLD_SIZE") or "TORCHELASTIC_RUN_ID" in env:
+        return None
+    launcher = os.getppid()
+    launch_argv = _cmdline(launcher)
+    if LAUNCH_MODULE not in launch_argv:
+        return None
+    stat = _stat(launcher)
+    runner_argv = _cmdline(int(stat[1])) if stat else []
+    return launcher, port_chosen_by_user(launch_argv, runner_argv)
+
+
+def rendezvous_file(launcher_pid: int) -> Path:
+    """Where rank 0 of the ranks spawned by `launcher_pid` publishes its store's port (private to the
+    user; the key holds the boot id and the launcher's start time, so a reused PID never matches)."""
+    root = Path(tempfile.gettempdir()) / f"tcd_ds-{os.getuid()}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    if root.stat().st_uid != os.getuid():
+        raise RuntimeError(f"{root} belongs to another user: remove it, or set TMPDIR to a private directory")
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+    except OSError:
+        boot = "noboot"
+    stat = _stat(launcher_pid)
+    return root / f"rendezvous-{boot}-{launcher_pid}-{stat[19] if len(stat) > 19 else 0}.json"
+
+
+def _publish(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+    for old in path.parent.glob("rendezvous-*.json"):  # files of launchers that are gone
+        try:
+            if not Path(f"/proc/{old.name.split('-')[2]}").exists():
+                old.unlink()
+        except (OSError, IndexError):
+            pass
+
+
+def _wait_published(path: Path, launcher_pid: int, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+        if os.getppid() != launcher_pid:  # the launcher is gone: nothing to wait for
+            raise SystemExit(2)
+        if time.monotonic() > deadline:
+            print(f"error: local rank 0 did not publish its rendezvous port in {path} within {timeout_s:.0f} s",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(2)
+        time.sleep(0.05)
+
+
+def _local_store(layout: Layout, launcher_pid: int, chosen: bool, timeout: datetime.timedelta):
+    """The rendezvous store of a single-node deepspeed launch: rank 0 serves it (on the user's port,
+    or a free one), the other ranks connect to the port rank 0 published. Returns (store, port)."""
+    from torch.distributed import TCPStore
+
+    path = rendezvous_file(launcher_pid)
+    if layout.rank == 0:
+        # kept while the run lives (a rank may read it late, e.g. NCCL connects lazily); removed at
+        # exit, or by a later launch once this launcher is gone
+        atexit.register(path.unlink, missing_ok=True)
+        port = layout.master_port if chosen else 0
+        try:
+            store = TCPStore(layout.master_addr, port, layout.world_size, True, timeout=timeout,
+                             wait_for_workers=False)
+        except RuntimeError as err:  # DistNetworkError: EADDRINUSE
+            _publish(path, {"error": str(err).splitlines()[0]})
+            if "EADDRINUSE" in str(err) or "in use" in str(err):
+                raise port_clash(port) from None
+            raise
+        _publish(path, {"port": store.port, "pid": os.getpid()})
+        return store, store.port
+    info = _wait_published(path, launcher_pid, timeout.total_seconds())
+    if "error" in info:  # rank 0 says why (one line, from rank 0 only)
+        raise SystemExit(2)
+    return TCPStore(layout.master_addr, int(info["port"]), layout.world_size, False, timeout=timeout), int(info["port"])
+
+
+# --- DeepSpeed's CPU comm op: built on first use -----------------------------------------------
+
+def comm_op_build_dir() -> Path | None:
+    """The directory torch's JIT build will compile DeepSpeed's CPU shared-memory comm op into at
+    this launch, or None when nothing needs compiling (already built, preinstalled, or not used)."""
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.git_version_info import installed_ops
+        from torch.utils.cpp_extension import _get_build_directory
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            return None
+        if installed_ops.get(builder.name, False):
+            return None
+        build_dir = Path(_get_build_directory(builder.name, verbose=False))
+        return None if (build_dir / f"{builder.name}.so").is_file() else build_dir
+    except Exception:  # noqa: BLE001 -- a notice only: never fail a launch over it
+        return None
+
+
+def announce_comm_op_build(layout: Layout) -> None:
+    """One line before DeepSpeed compiles its CPU comm op (about 2 minutes, once per environment),
+    from local rank 0; a missing C++ compiler is one `error:` line instead of a compiler traceback."""
+    build_dir = comm_op_build_dir()
+    if build_dir is None:
+        return
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None and shutil.which("g++") is None:
+        if layout.local_rank == 0:
+            print(f"error: DeepSpeed must compile its CPU comm op (deepspeed_shm_comm) on the first launch in "
+                  f"this environment, but there is no C++ compiler ({cxx}, g++) on PATH: install g++ "
+                  f"(e.g. apt-get install g++)", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    if layout.local_rank == 0:
+        print(f"first launch in this environment: DeepSpeed compiles its CPU shared-memory comm op "
+              f"(deepspeed_shm_comm) with g++ into {build_dir}; about 2 minutes, once", file=sys.stderr, flush=True)
+
+
 def init_distributed(layout: Layout, timeout_s: float = 600.0) -> torch.device:
-    """Export the layout as the env:// variables and start DeepSpeed's process group."""
+    """Export the layout as the env:// variables and start DeepSpeed's process group (on a port no
+    other job holds, see the module docstring)."""
     import deepspeed
 
-    os.environ.update(RANK=str(layout.rank), WORLD_SIZE=str(layout.world_size), LOCAL_RANK=str(layout.local_rank),
-                      MASTER_ADDR=layout.master_addr, MASTER_PORT=str(layout.master_port))
+    timeout = datetime.timedelta(seconds=timeout_s)
     device = device_for(layout)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    local = local_deepspeed_launch() if layout.launcher == "deepspeed/torchrun" and layout.world_size > 1 else None
+    store, port = (None, layout.master_port) if local is None else _local_store(layout, *local, timeout)
+    # MASTER_PORT also names DeepSpeed's shared-memory segments: the port in use, never the default
+    os.environ.update(RANK=str(layout.rank), WORLD_SIZE=str(layout.world_size), LOCAL_RANK=str(layout.local_rank),
+                      MASTER_ADDR=layout.master_addr, MASTER_PORT=str(port))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    announce_comm_op_build(layout)
+    try:
+        if store is not None:
+            torch.distributed.init_process_group(backend, store=store, rank=layout.rank,
+                                                 world_size=layout.world_size, timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    except torch.distributed.DistNetworkError as err:
+        if "EADDRINUSE" not in str(err):
+            raise
+        how = ("TCD_MASTER_PORT=<free port> (slurm/launch.sh) or MASTER_PORT" if layout.launcher == "slurm"
+               else "deepspeed --master_port <free port> (torchrun: --master_port)")
+        raise port_clash(port, how) from None
     return device

@@ -57,7 +57,21 @@ per-seed values, median, mean and std of every metric and of the GLUE score. The
      "per_lr": {"2e-05": {"per_seed": {metric: [...], "glue_score": [...]},
                           "median": {metric: m, "glue_score": m}}, ...}}
 
-Progress goes to stderr (one line per epoch of every run); a summary table goes to stdout.
+Progress goes to stderr: inside every epoch a line with the step, the running loss and the ETA of
+the epoch and of the run (every 10% of the epoch's steps, or every `--progress-seconds`), and one
+line per epoch with its metrics; a summary table goes to stdout (a single seed shows its values,
+no spread).
+
+Threads
+-------
+`--threads 0` (the default) picks the CPU thread count at start: the cores this process may run on
+(`os.sched_getaffinity`) that are idle (sampled from /proc/stat for a quarter second), at least 1
+(an `OMP_NUM_THREADS` set in the environment is kept as it is).
+On a host whose cores other processes hold, torch's default (one OpenMP thread per core) makes the
+threads wait on each other at every parallel region while the scheduler hands their cores to the
+other jobs: throughput collapses (tens of times slower, not 2x). Fewer threads than cores keeps it
+near this process's fair share. `--threads N` sets N; the choice is printed, and bitwise
+reproducibility holds for the same thread count.
 
 Launchers
 ---------
@@ -84,6 +98,7 @@ import torch
 from torch import nn
 
 from tcd_ds.atomic import write_json_atomic
+from tcd_ds.cli import Parser as _Parser
 from tcd_ds.config import ConfigError, ModelConfig
 from tcd_ds.data import glue
 from tcd_ds.data.glue import Example, GlueDataError, TaskSpec
@@ -101,11 +116,6 @@ class FinetuneError(ValueError):
 
 
 # ---------------------------------------------------------------------------------- arguments
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + message
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def _float_list(text: str) -> list[float]:
@@ -179,24 +189,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--glue-dir", required=True, help="glue_data/ (holding <TASK>/train.tsv ...) or the task dir")
     p.add_argument("--lrs", type=_float_list, default=[2e-5, 5e-5], help="comma-separated (default 2e-5,5e-5)")
     p.add_argument("--seeds", type=_int_list, default=[1, 2, 3], help="comma-separated (default 1,2,3)")
-    p.add_argument("--epochs", type=_int_at_least(1), default=3)
+    p.add_argument("--epochs", type=_int_at_least(1), default=3, help="epochs of every run")
     p.add_argument("--out", default=None, help="output dir (default: finetune/<task> inside --model)")
     p.add_argument("--vocab", default=None,
                    help=f"vocab.txt (default: {VOCAB_FILENAME} in --model if present, else {DEFAULT_VOCAB}, "
                         "relative to the working directory or else to the repository root)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=32)
-    p.add_argument("--max-seq-len", type=_int_at_least(8), default=128)
-    p.add_argument("--warmup-ratio", type=_fraction, default=0.1)
-    p.add_argument("--weight-decay", type=_non_negative, default=0.01)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32, help="examples per step")
+    p.add_argument("--max-seq-len", type=_int_at_least(8), default=128, help="tokens per example (truncated)")
+    p.add_argument("--warmup-ratio", type=_fraction, default=0.1, help="linear warm-up over this share of the steps")
+    p.add_argument("--weight-decay", type=_non_negative, default=0.01, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=_non_negative, default=1.0, help="0 disables clipping")
     p.add_argument("--aux-loss-weight", type=_non_negative, default=None,
                    help="MoE load-balancing loss weight while fine-tuning (default: the model's)")
-    p.add_argument("--moe-backend", choices=("torch", "grouped"), default="torch")
+    p.add_argument("--moe-backend", choices=("torch", "grouped"), default="torch", help="MoE experts' implementation")
     p.add_argument("--max-train-examples", type=_int_at_least(0), default=0, help="0 = all")
     p.add_argument("--max-eval-examples", type=_int_at_least(0), default=0, help="0 = all")
     p.add_argument("--eval-split", default="dev",
                    help="split to evaluate on (default dev; MNLI dev = dev_matched + dev_mismatched)")
-    p.add_argument("--threads", type=_int_at_least(0), default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=_int_at_least(0), default=0,
+                   help="torch CPU threads; 0: the idle cores among those this process may use, at least 1")
+    p.add_argument("--progress-seconds", type=_non_negative, default=30.0,
+                   help="a progress line at least this often inside an epoch (besides every 10%% of it)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     # the deepspeed launcher appends --local_rank=N; fine-tuning is single-process, so it is ignored
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -342,10 +355,44 @@ def _fmt_metrics(metrics: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
+class Progress:
+    """A progress line on stderr inside an epoch: every 10% of its steps, or every `every_s` seconds,
+    with the running loss, steps/s and the ETA of the epoch and of the run (from the mean step time)."""
+
+    def __init__(self, tag: str, steps_per_epoch: int, epochs: int, every_s: float = 30.0):
+        self.tag, self.steps_per_epoch, self.total = tag, steps_per_epoch, steps_per_epoch * epochs
+        self.every_s, self.stride = every_s, max(1, math.ceil(steps_per_epoch / 10))
+        self.start = self.last = time.perf_counter()
+        self.done = 0
+
+    def step(self, epoch: int, step: int, loss: float) -> None:
+        """After `step` (1-based) of `epoch` (1-based); `loss` is the epoch's running mean."""
+        self.done += 1
+        now = time.perf_counter()
+        if step == self.steps_per_epoch:  # the epoch line follows
+            self.last = now
+            return
+        if step % self.stride and (not self.every_s or now - self.last < self.every_s):
+            return
+        self.last = now
+        per_step = (now - self.start) / self.done
+        print(f"[{self.tag}] {100 * step / self.steps_per_epoch:.0f}% of epoch {epoch}: step {step}/"
+              f"{self.steps_per_epoch}, loss {loss:.4f}, {1 / per_step:.2f} steps/s, ETA epoch "
+              f"{format_duration(per_step * (self.steps_per_epoch - step))}, run "
+              f"{format_duration(per_step * (self.total - self.done))}", file=sys.stderr, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(max(seconds, 0)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
 def train_one(model: nn.Module, spec: TaskSpec, train: list[dict[str, Any]],
               eval_sets: dict[str, list[dict[str, Any]]], *, lr: float, seed: int, epochs: int,
               batch_size: int, warmup_ratio: float, weight_decay: float, max_grad_norm: float,
-              pad_id: int, device: torch.device, tag: str = "") -> dict[str, Any]:
+              pad_id: int, device: torch.device, tag: str = "", progress_seconds: float = 30.0) -> dict[str, Any]:
     """Fine-tune `model` (already seeded and built) and evaluate after every epoch. Returns the
     final (last-epoch) metrics, the best epoch and the per-epoch history."""
     gen = torch.Generator().manual_seed(seed)
@@ -356,11 +403,12 @@ def train_one(model: nn.Module, spec: TaskSpec, train: list[dict[str, Any]],
     sched = _linear_schedule(opt, warmup, total)
     history: list[dict[str, Any]] = []
     start = time.perf_counter()
+    progress = Progress(tag, steps_per_epoch, epochs, progress_seconds)
     for epoch in range(1, epochs + 1):
         model.train()
         loss_sum = aux_sum = 0.0
         order = torch.randperm(len(train), generator=gen).tolist()
-        for items in _batches(train, batch_size, order):
+        for step, items in enumerate(_batches(train, batch_size, order), 1):
             batch = {k: v.to(device) for k, v in collate(items, pad_id, spec.is_regression).items()}
             loss, _, aux = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                                  batch["labels"])
@@ -374,6 +422,7 @@ def train_one(model: nn.Module, spec: TaskSpec, train: list[dict[str, Any]],
             sched.step()
             loss_sum += loss.item()
             aux_sum += float(aux.detach())
+            progress.step(epoch, step, loss_sum / step)
         metrics = evaluate(model, spec, eval_sets, batch_size, pad_id, device)
         elapsed = time.perf_counter() - start
         record = {"epoch": epoch, "train_loss": loss_sum / steps_per_epoch, "aux_loss": aux_sum / steps_per_epoch,
@@ -465,15 +514,74 @@ def _resolve_vocab(args: argparse.Namespace) -> str:
     return DEFAULT_VOCAB if Path(DEFAULT_VOCAB).is_file() or not beside_repo.is_file() else str(beside_repo)
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. under taskset or a cgroup cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _cpu_times(cores: set[int]) -> tuple[float, float] | None:
+    """(idle, total) jiffies summed over `cores`, from /proc/stat (None where there is none)."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    idle = total = 0.0
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+            values = [float(v) for v in fields[:8]]
+            idle += values[3] + values[4]  # idle + iowait
+            total += sum(values)
+    return (idle, total) if total else None
+
+
+def idle_cores(sample_s: float = 0.25) -> float | None:
+    """How many of this process's cores were idle over `sample_s` seconds (None: unknown)."""
+    try:
+        cores = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = set(range(os.cpu_count() or 1))
+    before = _cpu_times(cores)
+    time.sleep(sample_s)
+    after = _cpu_times(cores)
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return len(cores) * (after[0] - before[0]) / (after[1] - before[1])
+
+
+def choose_threads(available: int, idle: float | None) -> int:
+    """One thread per idle core this process may use, at least 1 (all of them when unknown)."""
+    if idle is None:
+        return available
+    return max(1, min(available, int(idle + 0.5)))
+
+
+def set_threads(requested: int) -> str:
+    """Set torch's intra-op threads (`requested`, or 0: chosen by `choose_threads`); returns a note."""
+    available = available_cores()
+    if requested:
+        torch.set_num_threads(requested)
+        return f"{requested} threads (--threads; {available} cores available)"
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return f"{torch.get_num_threads()} threads (OMP_NUM_THREADS; {available} cores available)"  # the user's
+    idle = idle_cores()
+    n = choose_threads(available, idle)
+    torch.set_num_threads(n)
+    busy = "" if idle is None else f", {idle:.1f} idle"
+    return f"{n} thread{'s' * (n != 1)} ({available} cores available{busy}; --threads N to override)"
+
+
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     """Run (or resume) the lr x seed grid, write runs.jsonl and results.json, return the results."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1:
         raise FinetuneError(f"fine-tuning is single-process, but WORLD_SIZE={world}: run "
                             f"`python -m tcd_ds.finetune ...` (one command per task or lr) instead")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads = set_threads(args.threads) if device.type == "cpu" else f"device {device}"
     spec = glue.get_task(args.task)
     if spec.name not in glue.GLUE_TASKS:
         raise FinetuneError(f"{spec.name} has no training data (it is a test-only diagnostic set)")
@@ -514,7 +622,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     kind = f"MoE ({cfg.moe.num_experts} experts, top-{cfg.moe.top_k})" if cfg.moe.num_experts else "dense"
     print(f"{spec.name}: {len(train)} train / {', '.join(f'{len(v)} {k}' for k, v in eval_sets.items())} "
           f"examples; {kind} model {args.model}; lrs {','.join(map(_lr_key, args.lrs))} seeds "
-          f"{','.join(map(str, args.seeds))} epochs {args.epochs}; out {out}", file=sys.stderr, flush=True)
+          f"{','.join(map(str, args.seeds))} epochs {args.epochs}; {threads}; out {out}", file=sys.stderr, flush=True)
 
     done: dict[tuple[float, int], dict[str, Any]] = {}
     for lr in args.lrs:
@@ -531,7 +639,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             result = train_one(model, spec, train, eval_sets, lr=lr, seed=seed, epochs=args.epochs,
                                batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,
                                weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-                               pad_id=ids.pad, device=device, tag=tag)
+                               pad_id=ids.pad, device=device, tag=tag, progress_seconds=args.progress_seconds)
             record = {"task": spec.name, "model": model_path, "lr": lr, "seed": seed, "epochs": args.epochs,
                       "settings": settings, "num_train": len(train), **result}
             _append_run(runs_file, record)
@@ -560,15 +668,19 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"{lr:>10}  " + "  ".join(f"{100 * entry['median'][n]:>12.2f}" for n in names)
                      + f"   (median){mark}")
     best = {**results["metrics"], "glue_score": results["glue_score"]}
-    lines.append(f"{'best':>10}  " + "  ".join(f"{100 * best[n]['mean']:>6.2f}+-{100 * best[n]['std']:<5.2f}"
-                                             for n in names) + f"   (mean+-sample std, lr {results['best_lr']:g})")
+    if len(results["seeds"]) == 1:  # one sample: its value, no spread
+        lines.append(f"{'best':>10}  " + "  ".join(f"{100 * best[n]['mean']:>12.2f}" for n in names)
+                     + f"   (seed {results['seeds'][0]}, lr {results['best_lr']:g})")
+    else:
+        lines.append(f"{'best':>10}  " + "  ".join(f"{100 * best[n]['mean']:>6.2f}+-{100 * best[n]['std']:<5.2f}"
+                                                 for n in names) + f"   (mean+-sample std, lr {results['best_lr']:g})")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Entry point: parse, run the sweep, return the results. Expected failures (missing or
     malformed data, a bad checkpoint, bad arguments) print one `error:` line and exit with 2."""
-    args = parse_args(argv)
+    args = parse_args(argv)  # bad arguments: one `error:` line, exit 2 (tcd_ds/cli.py)
     try:
         return run_sweep(args)
     except (GlueDataError, CheckpointError, ConfigError, FinetuneError, FloatingPointError, OSError) as err:

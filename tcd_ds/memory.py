@@ -17,10 +17,10 @@ It ignores allocator fragmentation, communication buffers and the CUDA context (
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
-from tcd_ds.config import ModelConfig, MoEConfig, build_config
+from tcd_ds.cli import Parser, exit_on, fail
+from tcd_ds.config import ConfigError, ModelConfig, MoEConfig, build_config
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GIB = 1024 ** 3
@@ -88,15 +88,22 @@ def format_plan(plan: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    p = argparse.ArgumentParser(prog="tcd_ds.memory", description="per-rank memory plan of a recipe")
-    p.add_argument("--config", required=True)
+    """`python -m tcd_ds.memory`: bad input is one `error:` line and exit status 2 (tcd_ds/cli.py)."""
+    p = Parser(prog="python -m tcd_ds.memory", description="per-rank memory plan of a recipe")
+    p.add_argument("--config", required=True, help="recipe name (tiny, small, base, large, xl) or YAML/JSON path")
     p.add_argument("--world", type=int, required=True, help="number of ranks (GPUs)")
-    p.add_argument("--zero", type=int, default=2)
-    p.add_argument("--dtype", default="bf16", choices=sorted(BYTES))
-    p.add_argument("--no-teacher", action="store_true")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3), help="ZeRO stage")
+    p.add_argument("--dtype", default="bf16", choices=sorted(BYTES), help="training dtype")
+    p.add_argument("--no-teacher", action="store_true", help="leave out the TCD teacher replica")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.moe.ep_size=8 "
+                                                "(needs model.moe.backend=deepspeed)")
     args = p.parse_intermixed_args(argv)
-    cfg = build_config(args.config, ["mode=moe", *args.overrides])
+    if args.world < 1:
+        fail(f"--world must be >= 1, got {args.world}")
+    with exit_on(ConfigError, OSError):
+        cfg = build_config(args.config, ["mode=moe", *args.overrides])
+    if args.world % cfg.model.moe.ep_size:
+        fail(f"model.moe.ep_size={cfg.model.moe.ep_size} does not divide --world {args.world}")
     teacher = None if args.no_teacher else dataclasses.replace(cfg.model, moe=MoEConfig())  # same-shape vanilla
     plan = memory_plan(cfg.model, cfg.train.micro_batch_size, cfg.data.max_seq_len, args.world, args.zero,
                        args.dtype, teacher)

@@ -5,8 +5,10 @@ Only rank 0 writes; every rank may call (the calls are no-ops elsewhere).
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -102,3 +104,55 @@ class MetricsLog:
                 if row.get("kind") == kind:
                     rows[row["step"]] = {k: v for k, v in row.items() if k != "kind"}
         return [rows[s] for s in sorted(rows)]
+
+
+# --- the known-harmless library messages, silenced narrowly ------------------------------------------
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f in record.getMessage() for f in self.fragments)
+
+
+def quiet_known_warnings() -> None:
+    """Silence the library messages every run printed that are expected and harmless here:
+
+    - DeepSpeed's "You are using ZeRO with an untested optimizer": our optimizer is torch's AdamW
+      plus a skip guard (optim.GuardedAdamW), allowed on purpose with `zero_allow_untested_optimizer`;
+    - torch's FutureWarning "`torch.distributed.all_gather_into_tensor` is deprecated", printed once
+      per rank from inside DeepSpeed's ZeRO partitioning (DeepSpeed's call, not ours).
+    Only these exact messages; every other warning still shows."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+    try:
+        from deepspeed.utils import logger as ds_logger
+    except ImportError:
+        return
+    if not any(isinstance(f, _DropMessages) for f in ds_logger.filters):
+        ds_logger.addFilter(_DropMessages("You are using ZeRO with an untested optimizer"))
+
+
+# --- the end of a run ---------------------------------------------------------------------------
+
+def run_summary_block(run_dir: str | Path, summary: dict, teacher: str | Path | None = None,
+                      teacher_info: str = "") -> str:
+    """The block every training run ends with (rank 0, stdout): where its outputs went."""
+    run_dir = Path(run_dir)
+    steps, mode = summary.get("steps"), summary.get("mode")
+    if summary.get("interrupted"):
+        head = f"run stopped at step {steps} ({mode}; saved, rerun the same command to resume):"
+        export = "none yet (written when the run completes)"
+    else:
+        head = f"run finished: {mode}, {steps} steps, world {summary.get('world_size')}:"
+        export = str(run_dir / "export")
+    lines = [head,
+             f"  run dir      {run_dir}",
+             f"  export       {export}",
+             f"  summary      {run_dir / 'summary.json'}",
+             f"  tensorboard  tensorboard --logdir {run_dir / 'tensorboard'}"]
+    if teacher is not None:
+        lines.append(f"  teacher      {teacher}" + (f" ({teacher_info})" if teacher_info else ""))
+    return "\n".join(lines)

@@ -44,12 +44,12 @@ from tcd_ds.data.tokenizer import load_tokenizer, resolve_vocab_path, special_id
 from tcd_ds.dist import Layout, detect_layout, init_distributed
 from tcd_ds.distill.objective import RelationObjective, check_compatible
 from tcd_ds.distill.taps import Taps, tap_points
-from tcd_ds.distill.teacher import FrozenTeacher, load_teacher, read_teacher_config
+from tcd_ds.distill.teacher import FrozenTeacher, load_teacher, read_teacher_config, teacher_dir
 from tcd_ds.model.bert import BertForMaskedLM, flops_per_token, num_parameters
 from tcd_ds.memory import format_plan, memory_plan
 from tcd_ds.model.hf import CheckpointError, config_to_hf
-from tcd_ds.monitor import MetricsLog, Monitor, measure_matmul_peak
-from tcd_ds.optim import GuardedAdamW, lr_lambda, param_groups
+from tcd_ds.monitor import MetricsLog, Monitor, measure_matmul_peak, quiet_known_warnings, run_summary_block
+from tcd_ds.optim import GuardedAdamW, GuardedLambdaLR, lr_lambda, param_groups
 
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, OSError)
 REQUEUE_EXIT = 85  # exit status after a SIGTERM/SIGUSR1 save: "requeue me" (slurm.conf RequeueExit=85)
@@ -59,7 +59,9 @@ NONFINITE_EXIT = 3
 # --- arguments and DeepSpeed config -------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tcd_ds.train", description=__doc__.split("\n\n")[0])
+    from tcd_ds.cli import Parser
+
+    p = Parser(prog="tcd_ds.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="recipe name (tiny, small, base, large, xl) or YAML/JSON path")
     p.add_argument("--mode", choices=("vanilla", "moe", "tcd"), help="overrides the recipe's mode")
     p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (ds_configs/)")
@@ -85,6 +87,7 @@ def load_ds_config(path: str, cfg: Config, device: torch.device) -> dict:
         raise ConfigError(f"{path}: ZeRO stage 3 is not supported for MoE models here; use stage 1 or 2")
     if ds.get("fp16", {}).get("enabled") and device.type == "cpu":
         raise ConfigError(f"{path}: fp16 is not supported on CPU; use a bf16 or fp32 config (ds_configs/cpu_*.json)")
+    check_gpu_paths(path, ds, cfg, device)
     wanted = {"train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
               "gradient_accumulation_steps": cfg.train.grad_accum, "gradient_clipping": cfg.train.grad_clip}
     for key, value in wanted.items():
@@ -97,6 +100,28 @@ def load_ds_config(path: str, cfg: Config, device: torch.device) -> dict:
     ds.setdefault("steps_per_print", 10 ** 9)
     ds["zero_allow_untested_optimizer"] = True  # GuardedAdamW is torch's AdamW plus a skip guard
     return ds
+
+
+def check_gpu_paths(path: str, ds: dict, cfg: Config, device: torch.device) -> None:
+    """Refuse the device/precision/backend combinations that cannot run, before any compute (docs/gpu.md
+    lists every GPU combination and how it is covered). The `grouped` backend is not refused in fp16 or
+    fp32 on CUDA: torch 2.13's grouped_mm takes fp32/bf16/fp16 there (`_grouped_mm_validate_inputs`),
+    with bf16 on SM90/SM100 on the fast kernel and everything else on its per-group mm fallback."""
+    if cfg.mode == "vanilla" or cfg.model.moe.backend != "megablocks":
+        return
+    import importlib.util
+
+    if device.type != "cuda":
+        raise ConfigError(f"model.moe.backend=megablocks needs an NVIDIA GPU and this run is on {device.type}: "
+                          "set model.moe.backend=grouped (dropless grouped matmuls) or torch")
+    if importlib.util.find_spec("megablocks") is None:
+        raise ConfigError("model.moe.backend=megablocks needs the megablocks package, which is not installed: "
+                          "pip install -r requirements-gpu.txt, or set model.moe.backend=grouped")
+    if not ds.get("bf16", {}).get("enabled"):
+        precision = "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+        raise ConfigError(f"{path}: model.moe.backend=megablocks runs MegaBlocks' grouped GEMMs, which take bf16 "
+                          f"only, but this config trains in {precision}: enable \"bf16\" in the DeepSpeed config "
+                          "(e.g. ds_configs/gpu_zero2_bf16.json) or set model.moe.backend=grouped")
 
 
 def check_parallel(cfg: Config, layout: Layout) -> None:
@@ -185,7 +210,7 @@ def build_engine(cfg: Config, model: BertForMaskedLM, ds_config: dict):
     untag_replicated_experts(model)
     t = cfg.train
     optimizer = GuardedAdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
+    scheduler = GuardedLambdaLR(optimizer, lr_lambda(t))  # a skipped step does not advance the schedule
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
     return engine, optimizer, scheduler
@@ -511,6 +536,7 @@ def log_expert_load(monitor: Monitor, step: int, stats) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    quiet_known_warnings()
     overrides = ([f"mode={args.mode}"] if args.mode else []) + args.overrides
     try:
         cfg = build_config(args.config, overrides)
@@ -546,6 +572,10 @@ def main(argv: list[str] | None = None) -> dict:
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(NONFINITE_EXIT) from None
+    if layout.is_main:  # where everything went
+        used = teacher_dir(cfg.teacher.path).resolve() if cfg.mode == "tcd" else None
+        info = f"vanilla BERT, {teacher_cfg.num_layers} layers x {teacher_cfg.hidden_size}, frozen" if used else ""
+        print(run_summary_block(cfg.run_dir, summary, used, info), flush=True)
     if summary["interrupted"]:
         raise SystemExit(REQUEUE_EXIT)
     return summary

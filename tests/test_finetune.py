@@ -326,3 +326,77 @@ def test_loads_transformers_bert_dirs(tmp_path) -> None:
     model = finetune.build_model(tmp_path / "base", 1)
     torch.testing.assert_close(model.bert.pooler.dense.weight, base.pooler.dense.weight)
     torch.testing.assert_close(model.bert.embeddings.word_embeddings.weight, base.embeddings.word_embeddings.weight)
+
+
+# ------------------------------------------------------------- progress, summary table, threads
+
+
+def test_progress_lines_with_eta_inside_epochs(models, vocab_file, tmp_path, capsys) -> None:
+    glue_dir = write_sst2(tmp_path / "glue", 64, 16)
+    finetune.main(_args(models["dense"], "SST-2", glue_dir, vocab_file, tmp_path / "out", "--lrs", "1e-3",
+                        "--seeds", "1", "--batch-size", "4", "--epochs", "2"))
+    err = capsys.readouterr().err.splitlines()
+    progress = [line for line in err if "% of epoch" in line]
+    # 16 steps an epoch: a line every 2 steps (10% rounded up), the last step gives way to the epoch line
+    steps = [line.split("step ")[1].split(",")[0] for line in progress]
+    assert steps == [f"{k}/16" for k in range(2, 16, 2)] * 2, progress
+    assert all("ETA epoch " in line and ", run " in line and "steps/s" in line for line in progress)
+    assert progress[0].startswith("[SST-2 lr=0.001 seed=1] 12% of epoch 1: step 2/16, loss ")
+    assert sum("epoch 1/2" in line for line in err) == 1 and sum("epoch 2/2" in line for line in err) == 1
+
+
+def test_progress_every_n_seconds_in_long_epochs(monkeypatch, capsys) -> None:
+    clock = iter([0.0, 5.0, 10.0, 41.0, 45.0, 80.0])  # start, then one reading per step
+    monkeypatch.setattr(finetune.time, "perf_counter", lambda: next(clock))
+    progress = finetune.Progress("t", steps_per_epoch=1000, epochs=2, every_s=30)
+    for step in range(1, 6):
+        progress.step(1, step, 0.5)
+    lines = capsys.readouterr().err.splitlines()
+    # 10% is 100 steps away; the 30 s mark passes at step 3 (41 s) and step 5 (80 s, 39 s later)
+    assert [line.split("step ")[1].split(",")[0] for line in lines] == ["3/1000", "5/1000"]
+    assert "ETA epoch 3h47m06s, run 7h34m52s" in lines[0]  # 41 s / 3 steps x 997 and 1997 steps to go
+
+
+def _results(seeds: list[int]) -> dict:
+    spec = finetune.glue.get_task("MRPC")
+    runs = {(2e-5, s): {"metrics": {"f1": 0.8122 + 0.01 * i, "accuracy": 0.6838}, "glue_score": 0.748 + 0.01 * i}
+            for i, s in enumerate(seeds)}
+    summary = finetune.summarize(spec, runs, [2e-5], seeds)
+    return {"task": "MRPC", "model": "m", "epochs": 1, "seeds": seeds, "best_lr": summary["best_lr"],
+            "metrics": summary["metrics"], "glue_score": summary["glue_score"], "per_lr": summary["per_lr"]}
+
+
+def test_single_seed_summary_shows_no_spread() -> None:
+    one = finetune.format_table(_results([1])).splitlines()
+    assert "+-" not in "\n".join(one)
+    assert one[-1].split()[:3] == ["best", "81.22", "68.38"] and one[-1].endswith("(seed 1, lr 2e-05)")
+    many = finetune.format_table(_results([1, 2, 3])).splitlines()
+    assert "81.22+-" not in many[-1] and "82.22+-1.00" in many[-1] and "(mean+-sample std, lr 2e-05)" in many[-1]
+
+
+def test_threads_follow_the_idle_cores(monkeypatch) -> None:
+    assert finetune.choose_threads(4, None) == 4  # unknown load: every core this process may use
+    assert finetune.choose_threads(4, 2.6) == 3
+    assert finetune.choose_threads(2, 0.1) == 1  # a host whose cores other jobs hold: one thread, not 2
+    assert finetune.choose_threads(2, 7.0) == 2
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(finetune.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    try:
+        monkeypatch.setattr(finetune, "idle_cores", lambda: 0.2)
+        note = finetune.set_threads(0)
+        assert torch.get_num_threads() == 1 and note.startswith("1 thread (4 cores available, 0.2 idle")
+        assert finetune.set_threads(3).startswith("3 threads (--threads") and torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's own setting is kept
+        assert finetune.set_threads(0).startswith("3 threads (OMP_NUM_THREADS") and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_idle_cores_reads_proc_stat(monkeypatch) -> None:
+    samples = iter(["cpu  9 9 9 9\ncpu0 100 0 0 100 0 0 0 0\ncpu1 100 0 0 100 0 0 0 0\ncpu2 0 0 0 0 0 0 0 0\n",
+                    "cpu  9 9 9 9\ncpu0 190 0 0 110 0 0 0 0\ncpu1 150 0 0 150 0 0 0 0\ncpu2 0 0 0 900 0 0 0 0\n"])
+    monkeypatch.setattr(finetune.Path, "read_text", lambda self: next(samples))
+    monkeypatch.setattr(finetune.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    # cores 0 and 1 (cpu2 is outside the affinity): 10 + 50 idle jiffies of 200 -> 0.6 of 2 cores
+    assert finetune.idle_cores(0.0) == pytest.approx(0.6)

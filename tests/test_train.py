@@ -3,6 +3,7 @@ bad input refused before any compute (resume and faults: test_reliability.py).""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,12 +95,43 @@ def test_ds_config_validation(tmp_path):
 
 
 def test_teacher_mismatch_fails_before_compute(tmp_path):
-    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position=128)
+    # a narrower teacher is fine for T and I (relations are L x L); per-head A needs the head counts to match
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_position=128)
     save_pretrained(BertForMaskedLM(cfg), cfg, tmp_path / "narrow")
-    for path, message in [(tmp_path / "narrow", "teacher hidden_size 32 != student hidden_size 64"),
+    for path, message in [(tmp_path / "narrow", "error: teacher num_heads 4 != student num_heads 2: A aligns per "
+                           "attention head; set distill.relation_heads to a number of relation heads dividing both "
+                           "hidden sizes (64, 32)"),
                           (tmp_path / "missing", "does not exist")]:
         cmd = [sys.executable, "-m", "tcd_ds.train", "--config", "tiny", "--mode", "tcd", "--deepspeed_config",
                "ds_configs/cpu_zero2.json", f"teacher.path={path}", f"run_dir={tmp_path / 'run'}"]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert not (tmp_path / "run").exists()  # refused before the run dir or any data was touched
+
+
+def test_every_run_ends_with_one_summary_block(shared_data, cache, tiny_teacher, tmp_path):
+    """Rank 0 prints where everything went (and, for TCD, the teacher it used) on stdout."""
+    run = tmp_path / "tcd"
+    cmd = [sys.executable, "-m", "tcd_ds.train", "--config", "tiny", "--mode", "tcd", "--deepspeed_config",
+           "ds_configs/cpu_zero2.json", *quick(shared_data, cache, run, 2, f"teacher.path={tiny_teacher}")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    block = proc.stdout[proc.stdout.index("run finished:"):].splitlines()[:6]
+    assert block == ["run finished: tcd, 2 steps, world 1:",
+                     f"  run dir      {run}",
+                     f"  export       {run / 'export'}",
+                     f"  summary      {run / 'summary.json'}",
+                     f"  tensorboard  tensorboard --logdir {run / 'tensorboard'}",
+                     f"  teacher      {tiny_teacher.resolve()} (vanilla BERT, 2 layers x 64, frozen)"], proc.stdout
+    assert proc.stdout.count("run finished:") == 1
+    assert (run / "export" / "config.json").is_file() and (run / "summary.json").is_file()
+    assert "untested optimizer" not in proc.stdout + proc.stderr  # expected here: filtered (monitor.py)
+
+
+def test_summary_block_of_an_interrupted_run():
+    from tcd_ds.monitor import run_summary_block
+
+    text = run_summary_block("runs/x", {"mode": "moe", "steps": 7, "interrupted": True, "world_size": 2})
+    assert text.splitlines()[0] == "run stopped at step 7 (moe; saved, rerun the same command to resume):"
+    assert "  export       none yet (written when the run completes)" in text and "teacher" not in text

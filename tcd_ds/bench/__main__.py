@@ -14,7 +14,6 @@ repeats (CI); the default is the full run, by hand. Results: JSON (`--out`) and 
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import math
@@ -28,6 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from tcd_ds.bench.common import fmt, loadavg, machine_info, md_table
+from tcd_ds.cli import Parser, fail
 
 SECTIONS = ("relation", "moe", "step", "scaling", "peer")
 
@@ -147,7 +147,8 @@ def markdown(result: dict[str, Any], bounds: dict[str, str] | None = None) -> st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tcd_ds.bench", description=__doc__.split("\n\n")[0])
+    """Bad input is one `error:` line and exit status 2 (tcd_ds/cli.py), before anything runs."""
+    p = Parser(prog="python -m tcd_ds.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (CI; well under a minute)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -160,6 +161,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="JSON {target: explanation} added under the targets table of the markdown report")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.threads is not None and args.threads < 1:
+        fail(f"--threads must be >= 1, got {args.threads}")
+    bounds = None
+    if args.bounds:  # read before the suite runs, not after it
+        try:
+            bounds = json.loads(args.bounds.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            fail(f"--bounds {args.bounds}: {err}")
+        if not isinstance(bounds, dict):
+            fail(f"--bounds {args.bounds}: expected a JSON object {{target: explanation}}")
     command = "python -m tcd_ds.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     try:
         result = run_suite(only, quick=args.quick, threads=args.threads,
@@ -169,7 +180,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     result = _clean(result)
-    bounds = json.loads(args.bounds.read_text()) if args.bounds else None
     report = markdown(result, bounds)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -108,12 +108,12 @@ def load_hf_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], strict: bo
 
 def save_pretrained(model: nn.Module, cfg: ModelConfig, directory: str | Path) -> Path:
     """Write config.json + model.safetensors (Hugging Face layout)."""
-    from safetensors.torch import save_file
+    from tcd_ds.atomic import save_safetensors_atomic
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu().clone() for k, v in to_hf_state_dict(model).items()}
-    save_file(sd, str(directory / SAFETENSORS), metadata={"format": "pt"})
+    save_safetensors_atomic(sd, directory / SAFETENSORS, metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
     return directory
 

@@ -1,0 +1,62 @@
+"""The command-line convention shared by every `python -m tcd_ds.*` command.
+
+- Bad input (a bad flag, a bad value, a missing or malformed file, a bad config key) prints ONE
+  line, `error: <what and how to fix it>`, on stderr and exits with status 2: `Parser` does it for
+  argparse's own errors, `fail` / `exit_on` for the rest. No traceback for anything the user can fix.
+- `--help` shows every option's default (`DefaultsFormatter`), unless the help text already names it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from typing import Iterator, NoReturn
+
+USAGE_ERROR = 2
+
+
+def fail(message: object) -> NoReturn:
+    """One `error:` line (the message's first line) on stderr, exit status 2."""
+    text = str(message).strip().splitlines()
+    print(f"error: {text[0] if text else 'bad input'}", file=sys.stderr, flush=True)
+    raise SystemExit(USAGE_ERROR)
+
+
+@contextlib.contextmanager
+def exit_on(*errors: type[BaseException]) -> Iterator[None]:
+    """`with exit_on(ConfigError, OSError): ...` turns those exceptions into `fail(err)`."""
+    try:
+        yield
+    except errors as err:
+        fail(err)
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
+    """Adds `(default: X)` to options that have a default worth showing (not None / False / a
+    suppressed one) and whose help does not already say it; descriptions keep their layout."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or default is False or default == argparse.SUPPRESS
+                or "default" in text or text == argparse.SUPPRESS):
+            return text
+        shown = _shown(default).replace("%", "%%")
+        return f"{text} (default: {shown})" if text else f"(default: {shown})"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) and defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:  # one line, not usage + message
+        self.exit(USAGE_ERROR, f"error: {message} (see --help)\n")

@@ -1,0 +1,149 @@
+"""The rendezvous on a busy host: the README's quick start (no --master_port) while another job
+holds port 29500, a taken port the user chose, how the user's choice is read from the launcher's
+command line, and the one-line notice before DeepSpeed's first comm-op compile."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tcd_ds import dist
+from trainer_utils import REPO, free_port, quick
+
+LAUNCH = ["/usr/bin/python3", "-u", "-m", "deepspeed.launcher.launch", "--world_info=e30=",
+          "--master_addr=127.0.0.1"]
+SCRIPT_ARGS = ["tcd_ds/train.py", "--config", "tiny"]
+RUNNER = ["/usr/bin/python3", "/venv/bin/deepspeed", "--num_accelerators", "2"]
+
+
+@pytest.mark.parametrize("launch_port,runner_options,chosen", [
+    ("29500", [], False),                              # the README quick start: the launcher's default
+    ("29500", ["--master_port", "29500"], True),       # the default, but typed by the user
+    ("29500", ["--master_port=29500"], True),
+    ("29500", ["--master_p", "29500"], True),          # an argparse abbreviation
+    ("29501", ["--master_port", "29501"], True),
+    ("29500", ["--master_addr", "10.0.0.1"], False),   # another option, not the port
+])
+def test_port_chosen_by_user_reads_the_runner_options(launch_port, runner_options, chosen):
+    launch = [*LAUNCH, f"--master_port={launch_port}", *SCRIPT_ARGS]
+    runner = [*RUNNER[:2], *runner_options, *RUNNER[2:], *SCRIPT_ARGS]
+    assert dist.port_chosen_by_user(launch, runner) is chosen
+
+
+def test_port_chosen_by_user_only_trusts_a_recognised_runner():
+    launch = [*LAUNCH, "--master_port=29500", *SCRIPT_ARGS]
+    # the training script's own arguments never count; an unknown parent counts as a choice
+    assert dist.port_chosen_by_user(launch, [*RUNNER, *SCRIPT_ARGS, "--master_port", "1"]) is False
+    assert dist.port_chosen_by_user(launch, ["/bin/bash", "run.sh"]) is True
+    assert dist.port_chosen_by_user([*LAUNCH, *SCRIPT_ARGS], []) is False  # launch.py's own default
+
+
+def test_not_a_local_deepspeed_launch():
+    # multi-node (CROSS_SIZE 2), torchrun, and a launcher that is not deepspeed's: their own ports
+    assert dist.local_deepspeed_launch({"CROSS_SIZE": "2", "LOCAL_SIZE": "2", "WORLD_SIZE": "4"}) is None
+    assert dist.local_deepspeed_launch({"CROSS_SIZE": "1", "LOCAL_SIZE": "2", "WORLD_SIZE": "2",
+                                        "TORCHELASTIC_RUN_ID": "x"}) is None
+    assert dist.local_deepspeed_launch({"CROSS_SIZE": "1", "LOCAL_SIZE": "2", "WORLD_SIZE": "2"}) is None  # pytest
+
+
+def hold(port: int) -> socket.socket | None:
+    """A listening socket on `port` (None when something else already holds it: held either way)."""
+    s = socket.socket()
+    try:
+        s.bind(("0.0.0.0", port))
+    except OSError as err:
+        s.close()
+        if err.errno != errno.EADDRINUSE:
+            raise
+        return None
+    s.listen()
+    return s
+
+
+def run(cmd: list[str], timeout: float = 500) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("token_cache")
+
+
+def stranger_store(port: int):
+    """Another job's rendezvous store on `port` (None when something else already holds the port)."""
+    import datetime
+
+    from torch.distributed import TCPStore
+
+    try:
+        return TCPStore("127.0.0.1", port, 2, True, timeout=datetime.timedelta(seconds=30), wait_for_workers=False)
+    except RuntimeError as err:
+        if "EADDRINUSE" not in str(err):
+            raise
+        return None
+
+
+def test_quick_start_runs_while_another_job_holds_29500(shared_data, cache, tiny_teacher, tmp_path):
+    """The README's command shape, unchanged (no --master_port), 2 ranks, while another job's store
+    listens on 29500 (the launcher's default port): the run finishes and never touches that store."""
+    stranger = stranger_store(29500)
+    keys = stranger.num_keys() if stranger else None
+    try:
+        run_dir = tmp_path / "tcd"
+        proc = run(["deepspeed", "--num_accelerators", "2", "tcd_ds/train.py", "--config", "tiny", "--mode", "tcd",
+                    "--deepspeed_config", "ds_configs/cpu_zero2.json",
+                    *quick(shared_data, cache, run_dir, 3, f"teacher.path={tiny_teacher}")])
+        if stranger:
+            assert stranger.num_keys() == keys  # no rank of ours joined the other job's rendezvous
+    finally:
+        del stranger
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "EADDRINUSE" not in out and "Traceback" not in out
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
+    # rank 0 alone ends with the summary block; DeepSpeed's per-rank FutureWarning and its
+    # "untested optimizer" warning are filtered
+    assert proc.stdout.count("run finished: tcd, 3 steps, world 2:") == 1, proc.stdout[-3000:]
+    assert f"  teacher      {tiny_teacher.resolve()}" in proc.stdout
+    assert "all_gather_into_tensor` is deprecated" not in out and "untested optimizer" not in out
+
+
+def test_a_chosen_port_that_is_taken_is_one_line(tmp_path):
+    port = free_port()
+    held = hold(port)
+    try:
+        proc = run(["deepspeed", "--num_accelerators", "2", "--master_port", str(port), "tcd_ds/train.py",
+                    "--config", "tiny", "--mode", "vanilla", "--deepspeed_config", "ds_configs/cpu_zero2.json",
+                    f"run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"], timeout=300)
+    finally:
+        if held:
+            held.close()
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: port {port} is already in use on this host (another job's rendezvous?); "
+                      "pick a free one: deepspeed --master_port <free port> ..."], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_first_launch_announces_the_comm_op_compile(tmp_path, monkeypatch, capsys):
+    layout = dist.Layout(0, 2, 0, "127.0.0.1", 1, "deepspeed/torchrun")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # a fresh environment: nothing built yet
+    build_dir = dist.comm_op_build_dir()
+    if build_dir is None:
+        pytest.skip("this DeepSpeed build does not JIT-compile a CPU comm op here")
+    assert build_dir == tmp_path / "deepspeed_shm_comm"
+    dist.announce_comm_op_build(layout)
+    dist.announce_comm_op_build(dist.Layout(1, 2, 1, "127.0.0.1", 1, "deepspeed/torchrun"))  # local rank 1: quiet
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("first launch in this environment: DeepSpeed compiles")
+    assert "about 2 minutes, once" in lines[0] and str(build_dir) in lines[0]
+    (build_dir / "deepspeed_shm_comm.so").write_bytes(b"")  # built: silent from then on
+    assert dist.comm_op_build_dir() is None
+    dist.announce_comm_op_build(layout)
+    assert capsys.readouterr().err == ""
