@@ -13,7 +13,9 @@ pairs override it (`glue.seeds=1,2`, `pretrain.train.max_steps=50`, `ranks=1`). 
 4. ablations  TCD with position subsets (T, I, A, TI, ...), same steps; fine-tuned on `ablations.tasks`;
 5. trend      `trend.task` fine-tuned from checkpoints along pre-training, baseline vs TCD;
 6. ood        MLM loss out of distribution (Gutenberg) vs in-domain for loss-aligned models;
-7. glue       fine-tune teacher, baselines and student on `glue.tasks` (lr grid x seeds).
+7. analyze    relation loss and linear CKA to the teacher, per layer and position, of the baselines,
+              the student and the ablations, on each held-out eval corpus (`python -m tcd_ds.analyze`);
+8. glue       fine-tune teacher, baselines, student (and a random-init model) on `glue.tasks`.
 
 Every unit of work (one training, one fine-tuning sweep, one export) ends by atomically writing
 `done.json` in its directory; a re-run skips finished units, and an unfinished training resumes
@@ -23,7 +25,6 @@ since it finished is refused (use another --out); a fine-tuning unit is re-run (
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import difflib
 import json
@@ -45,7 +46,7 @@ from tcd_ds.atomic import write_json_atomic
 RECIPES = Path(__file__).parent / "recipes" / "experiments"
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = Path(__file__).parent / "train.py"
-STEPS = ("teacher", "pretrain", "align", "ablations", "trend", "ood", "glue")
+STEPS = ("teacher", "pretrain", "align", "ablations", "trend", "ood", "analyze", "glue")
 FREE = ("pretrain", "teacher")  # trainer overrides (validated by tcd_ds.config), any depth
 DEFAULTS: dict[str, Any] = {
     "model_recipe": "tiny",  # tcd_ds/recipes/<name>.yaml or a path, for every pre-training run
@@ -59,9 +60,14 @@ DEFAULTS: dict[str, Any] = {
     "align": {"factor": 2.0, "every": 100},
     "ablations": {"positions": ["T", "I", "A", "TI", "TA", "IA"], "tasks": ["MRPC"]},
     "trend": {"task": "MRPC", "every": 100, "lrs": [], "seeds": []},  # empty lrs/seeds: glue's
+    "analyze": {"sequences": 128},  # held-out sequences per eval corpus
     "glue": {"dir": "../shared/data/glue", "tasks": ["CoLA", "SST-2", "MRPC", "WNLI", "QNLI"],
              "lrs": [1e-4], "seeds": [1, 2, 3], "epochs": 2, "max_train_examples": 0,
-             "max_eval_examples": 0, "batch_size": 32, "max_seq_len": 128, "include_aligned": True},
+             "max_eval_examples": 0, "batch_size": 32, "max_seq_len": 128, "include_aligned": True,
+             "include_random": True,
+             # per-task lrs / epochs overriding the two above, e.g. {SST-2: {lrs: [3e-4], epochs: 1}}; on the
+             # command line: glue.per_task="SST-2:lrs=3e-4,epochs=1;CoLA:epochs=5"
+             "per_task": {}},
 }
 LIST_TYPES = {"ablations.positions": str, "ablations.tasks": str, "trend.lrs": float, "trend.seeds": int,
               "glue.tasks": str, "glue.lrs": float, "glue.seeds": int}
@@ -119,7 +125,9 @@ def _merge(base: dict, data: Any, prefix: str = "") -> None:
     for key, value in data.items():
         if key not in base:
             raise _unknown(prefix + str(key), base)
-        if prefix == "" and key in FREE:
+        if prefix + key == "glue.per_task":
+            base[key] = _per_task(value)
+        elif prefix == "" and key in FREE:
             if not isinstance(value or {}, dict):
                 raise ExperimentError(f"recipe section '{key}' must be a mapping of trainer keys")
             base[key] = copy.deepcopy(value or {})
@@ -127,6 +135,59 @@ def _merge(base: dict, data: Any, prefix: str = "") -> None:
             _merge(base[key], value, f"{prefix}{key}.")
         else:
             base[key] = _coerce(prefix + key, DEFAULTS_FLAT[prefix + key], value)
+
+
+PER_TASK_KEYS = {"lrs": float, "epochs": int}
+
+
+def _per_task(value: Any) -> dict[str, dict[str, Any]]:
+    """`glue.per_task`: {task: {lrs: [...], epochs: n}}, from YAML or `"SST-2:lrs=3e-4,epochs=1;CoLA:epochs=5"`."""
+    if isinstance(value, str):
+        parsed: dict[str, dict[str, Any]] = {}
+        for item in filter(None, (x.strip() for x in value.split(";"))):
+            task, sep, rest = item.partition(":")
+            if not sep:
+                raise ExperimentError(f"glue.per_task entry {item!r} is not TASK:key=value[,...]")
+            entry = parsed.setdefault(task.strip(), {})
+            for kv in filter(None, (x.strip() for x in rest.split(","))):
+                k, eq, v = kv.partition("=")
+                if not eq:
+                    # a bare number continues the previous list (lrs=1e-4,3e-4)
+                    if not entry or not isinstance(entry.get(last := list(entry)[-1]), list):
+                        raise ExperimentError(f"glue.per_task entry {item!r}: {kv!r} is not key=value")
+                    entry[last].append(k.strip())
+                    continue
+                entry[k.strip()] = [v.strip()] if k.strip() == "lrs" else v.strip()
+        value = parsed
+    if not isinstance(value, dict):
+        raise ExperimentError("glue.per_task must map task names to {lrs: [...], epochs: n}")
+    out: dict[str, dict[str, Any]] = {}
+    for task, settings in value.items():
+        if not isinstance(settings, dict):
+            raise ExperimentError(f"glue.per_task.{task} must be a mapping of lrs / epochs")
+        entry = {}
+        for k, v in settings.items():
+            if k not in PER_TASK_KEYS:
+                raise _unknown(f"glue.per_task.{task}.{k}", PER_TASK_KEYS)
+            try:
+                if k == "lrs":
+                    items = [x for x in (v.split(",") if isinstance(v, str) else v if isinstance(v, list) else [v])]
+                    entry[k] = [float(x) for x in items]
+                else:
+                    if isinstance(v, bool) or float(v) != int(float(v)):
+                        raise ValueError
+                    entry[k] = int(float(v))
+            except (TypeError, ValueError):
+                raise ExperimentError(f"glue.per_task.{task}.{k} expects "
+                                      f"{'a list of float' if k == 'lrs' else 'int'}, got {v!r}") from None
+        out[str(task)] = entry
+    return out
+
+
+def task_settings(rc: dict, task: str) -> dict[str, Any]:
+    """lrs and epochs of `task`'s fine-tuning: glue.per_task's, else glue's."""
+    g = rc["glue"]
+    return {"lrs": g["lrs"], "epochs": g["epochs"], **g["per_task"].get(task, {})}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -201,6 +262,8 @@ def validate(rc: dict) -> None:
 
     if rc["ranks"] < 1 or rc["jobs"] < 1 or rc["threads"] < 0:
         raise ExperimentError("ranks and jobs must be >= 1, threads >= 0")
+    if rc["analyze"]["sequences"] < 1:
+        raise ExperimentError(f"analyze.sequences must be >= 1, got {rc['analyze']['sequences']}")
     _ds_config(rc["ds_config"])
     a, g, t = rc["align"], rc["glue"], rc["trend"]
     if a["factor"] < 1 or a["every"] < 1:
@@ -219,6 +282,17 @@ def validate(rc: dict) -> None:
                 raise ExperimentError(f"{key} names a task twice")
             tasks[:] = names
         t["task"] = get_task(t["task"]).name
+        per_task = {}
+        for task, settings in g["per_task"].items():
+            name = get_task(task).name
+            if name in per_task:
+                raise ExperimentError(f"glue.per_task names {name} twice")
+            if any(not lr > 0 for lr in settings.get("lrs", [1.0])) or settings.get("lrs") == [] or \
+                    settings.get("epochs", 1) < 1:
+                raise ExperimentError(f"glue.per_task.{task}: lrs must be a non-empty list of values > 0 and "
+                                      "epochs >= 1")
+            per_task[name] = settings
+        g["per_task"] = per_task
     except GlueDataError as err:
         raise ExperimentError(str(err)) from None
     if not g["tasks"] or not g["lrs"] or not g["seeds"]:
@@ -388,8 +462,9 @@ class Pipeline:
                  before: Callable[[], None] | None = None) -> None:
         g = self.rc["glue"]
         argv = ["--model", str(model_dir.resolve()), "--task", task, "--glue-dir", g["dir"],
-                "--lrs", ",".join(f"{x:g}" for x in (lrs or g["lrs"])),
-                "--seeds", ",".join(map(str, seeds or g["seeds"])), "--epochs", str(g["epochs"]),
+                "--lrs", ",".join(f"{x:g}" for x in (lrs or task_settings(self.rc, task)["lrs"])),
+                "--seeds", ",".join(map(str, seeds or g["seeds"])),
+                "--epochs", str(task_settings(self.rc, task)["epochs"]),
                 "--out", str(out_dir.resolve()), "--max-train-examples", str(g["max_train_examples"]),
                 "--max-eval-examples", str(g["max_eval_examples"]), "--batch-size", str(g["batch_size"]),
                 "--max-seq-len", str(g["max_seq_len"]), "--threads", str(self.rc["threads"])]
@@ -599,13 +674,101 @@ def step_ood(p: Pipeline) -> None:
            lambda: ood_analysis(p.rc, p.out))
 
 
+def analyzed_models(out: Path, rc: dict) -> dict[str, Path]:
+    """The MoE models compared with the teacher by `analyze` (those whose export exists)."""
+    dirs = run_dirs(out, rc)
+    models = {"baseline": dirs["baseline"] / "export", "baseline_aligned": out / "align" / "aligned" / "export",
+              "tcd": dirs["tcd"] / "export"}
+    models.update({f"tcd_{p}": dirs[f"tcd_{p}"] / "export" for p in rc["ablations"]["positions"]})
+    return {k: v for k, v in models.items() if (v / "config.json").is_file()}
+
+
+def _sha256(path: Path) -> str:
+    """The content hash of a file (a re-exported but identical model is not analysed again)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def step_analyze(p: Pipeline) -> None:
+    from tcd_ds.analyze import analyze
+    from tcd_ds.config import build_config
+
+    cfg = build_config(p.rc["model_recipe"], [*_trainer_overrides(p.rc["pretrain"]), "mode=vanilla"])
+    teacher = run_dirs(p.out, p.rc)["teacher"] / "export"
+    if not (teacher / "config.json").is_file():
+        raise ExperimentError(f"step analyze needs the teacher: run step teacher first ({teacher})")
+    corpora = {k: v for k, v in cfg.data.eval_sets().items() if Path(v).exists()}
+    n = p.rc["analyze"]["sequences"]
+    for name, model in analyzed_models(p.out, p.rc).items():
+        for corpus, path in corpora.items():
+            unit_dir = p.out / "analyze" / name / corpus
+            fingerprint = {"model": str(model.resolve()), "corpus": path, "sequences": n,
+                           "seq_len": cfg.data.max_seq_len, "weights": _sha256(model / "model.safetensors")}
+            p.unit(unit_dir, fingerprint, lambda model=model, path=path: analyze(
+                str(model), str(teacher), path, n, cfg.data.max_seq_len, cache_dir=cfg.data.cache_dir,
+                progress=False), strict=False)
+
+
 def glue_models(out: Path, rc: dict) -> dict[str, Path]:
     dirs = run_dirs(out, rc)
     models = {"teacher": dirs["teacher"] / "export", "baseline": dirs["baseline"] / "export"}
     if rc["glue"]["include_aligned"]:
         models["baseline_aligned"] = out / "align" / "aligned" / "export"
     models["tcd"] = dirs["tcd"] / "export"
+    if rc["glue"]["include_random"]:
+        models["random_init"] = out / "glue" / "random_init" / "export"
     return models
+
+
+class _Plain:
+    """A plain module where `train.evaluate` expects an engine (`engine(...)`, `engine.module`)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def random_init_model(p: Pipeline) -> None:
+    """The no-pre-training row: the teacher's architecture from the pre-training seed's random init,
+    exported like a trained model (with the same vocab), and its held-out MLM figures (world of one:
+    the first `eval_batches` x micro-batch sequences of each eval set, fixed masks)."""
+    import torch
+
+    from tcd_ds.config import build_config
+    from tcd_ds.dist import detect_layout
+    from tcd_ds.model.bert import BertForMaskedLM
+    from tcd_ds.model.hf import config_from_hf, save_pretrained
+    from tcd_ds.train import build_data, evaluate
+
+    teacher = run_dirs(p.out, p.rc)["teacher"] / "export"
+    if not (teacher / "config.json").is_file():
+        raise ExperimentError(f"the random-init row needs the teacher's export for its architecture: {teacher}")
+    hf = read_json(teacher / "config.json")
+    cfg = build_config(p.rc["model_recipe"], [*_trainer_overrides(p.rc["pretrain"]), "mode=vanilla"])
+    unit_dir = p.out / "glue" / "random_init"
+
+    def work() -> dict:
+        model_cfg = config_from_hf(hf)
+        torch.manual_seed(cfg.seed)
+        model = BertForMaskedLM(model_cfg)
+        save_pretrained(model, model_cfg, unit_dir / "export")
+        _copy_vocab(teacher.parent, unit_dir / "export")
+        layout = detect_layout()
+        data = build_data(cfg, layout)
+        device = torch.device("cpu")
+        evals = {"val": evaluate(_Plain(model), data, data.val, cfg, layout, device)}
+        for name, dataset in data.evals.items():
+            evals[name] = evaluate(_Plain(model), data, dataset, cfg, layout, device)
+        return {"seed": cfg.seed, "eval": evals}
+
+    p.unit(unit_dir, {"seed": cfg.seed, "config": hf}, work)
 
 
 def step_glue(p: Pipeline) -> None:
@@ -614,6 +777,8 @@ def step_glue(p: Pipeline) -> None:
     for task, why in skipped.items():
         p.say(f"  glue {task}: skipped ({why})")
     write_json(p.out / "glue" / "skipped.json", skipped)
+    if g["include_random"]:
+        random_init_model(p)
     for variant, model in glue_models(p.out, p.rc).items():
         if not (model / "config.json").is_file():
             raise ExperimentError(f"step glue needs {model}: run the earlier steps first")
@@ -623,13 +788,16 @@ def step_glue(p: Pipeline) -> None:
 
 
 STEP_FNS = {"teacher": step_teacher, "pretrain": step_pretrain, "align": step_align,
-            "ablations": step_ablations, "trend": step_trend, "ood": step_ood, "glue": step_glue}
+            "ablations": step_ablations, "trend": step_trend, "ood": step_ood, "analyze": step_analyze,
+            "glue": step_glue}
 
 
 # --- command line -------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m tcd_ds.experiments", description=__doc__.split("\n\n")[0])
+    from tcd_ds.cli import Parser
+
+    p = Parser(prog="python -m tcd_ds.experiments", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", help="experiment recipe: a name in tcd_ds/recipes/experiments/ or a YAML path")
     p.add_argument("--out", help="output dir (default: the recipe's out, else runs/experiments/<recipe>)")
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")

@@ -17,9 +17,14 @@ import yaml
 COLORS = {"teacher": "tab:blue", "baseline": "tab:orange", "baseline_long": "tab:red", "tcd": "tab:green"}
 LABELS = {"teacher": "Teacher (vanilla BERT)", "baseline": "MoE baseline (epoch-aligned)",
           "baseline_aligned": "MoE baseline (perf-aligned)", "baseline_long": "MoE baseline (long run)",
-          "tcd": "TCD student (MoE)"}
+          "tcd": "TCD student (MoE)", "random_init": "Random init (no pre-training, teacher's architecture)"}
+# (a, b) pairs of results.json's comparisons: a - b per task and for the GLUE average
+COMPARISONS = (("tcd", "baseline"), ("tcd", "baseline_aligned"), ("tcd", "teacher"), ("teacher", "random_init"),
+               ("baseline", "random_init"), ("tcd", "random_init"))
+MODES = {"teacher": "vanilla", "random_init": "random", "tcd": "tcd"}  # default: moe
 HEADINGS = ("## Setup", "## Wall time per step", "## Pre-training", "## Alignment", "## GLUE",
-            "## Ablations", "## Trend over pre-training", "## Out-of-distribution MLM loss", "## Findings")
+            "## Ablations", "## Trend over pre-training", "## Out-of-distribution MLM loss",
+            "## Relations to the teacher", "## Comparisons", "## Findings")
 PLOTS = ("mlm_curves.png", "trend.png", "ablations.png", "ood.png")
 
 
@@ -78,11 +83,93 @@ def scores(result: dict | None) -> list[float]:
 
 # --- reading the out dir ------------------------------------------------------------------------
 
+def _tokens_at(history: list[dict], step: int) -> int | None:
+    """Tokens seen by `step`, from a run's logged training history (the last entry at or before it)."""
+    seen = [h for h in history or [] if h.get("step", 0) <= step and "tokens" in h]
+    return int(seen[-1]["tokens"]) if seen else None
+
+
+def _pretraining(out: Path, rc: dict, key: str, runs: dict[str, dict]) -> dict[str, Any]:
+    """steps, tokens and the held-out MLM figures of one model of results.json."""
+    from tcd_ds.experiments import run_dirs
+
+    if key == "random_init":
+        done = _json(out / "glue" / "random_init" / "done.json") or {}
+        ev, steps, tokens = done.get("eval") or {}, 0, 0
+    elif key == "baseline_aligned":
+        al = _json(out / "align" / "aligned" / "done.json")
+        long = runs.get("baseline_long")
+        if not al or not long:
+            return {}
+        ev = next((e for e in long.get("eval_history", []) if e["step"] == al["step"]), {})
+        steps, tokens = al["step"], _tokens_at(long.get("history"), al["step"])
+    else:
+        s = runs.get(key)
+        if not s:
+            return {}
+        ev, steps, tokens = s.get("eval") or {}, s["steps"], s.get("tokens")
+    export = (out / "glue" / "random_init" / "export") if key == "random_init" else (
+        out / "align" / "aligned" / "export" if key == "baseline_aligned" else run_dirs(out, rc)[key] / "export")
+    config = _json(export / "config.json") or {}
+    return {"hidden_size": config.get("hidden_size"), "num_experts": config.get("num_experts", 0),
+            "steps": steps, "tokens": tokens,
+            "val_mlm_loss": ev.get("val", {}).get("mlm_loss"), "val_mlm_accuracy": ev.get("val", {}).get("accuracy"),
+            "wikitext2_mlm_loss": ev.get("wikitext2", {}).get("mlm_loss"),
+            "gutenberg_mlm_loss": ev.get("gutenberg", {}).get("mlm_loss")}
+
+
+def analysis_results(out: Path) -> dict[str, dict[str, dict]]:
+    """model -> eval corpus -> the `analyze` result (its per-tap figures and means) of step analyze."""
+    found: dict[str, dict[str, dict]] = {}
+    for done in sorted((Path(out) / "analyze").glob("*/*/done.json")):
+        if (d := _json(done)) and "mean" in d:
+            found.setdefault(done.parent.parent.name, {})[done.parent.name] = d
+    return found
+
+
+def results(out: Path, rc: dict, command: str) -> dict[str, Any]:
+    """What `results.json` holds: per model its pre-training figures and per GLUE task its per-seed
+    scores (percent, at the sweep's best lr), and the comparisons with 95 % bootstrap intervals."""
+    from tcd_ds.compare import bootstrap_diff
+    from tcd_ds.experiments import glue_models, run_dirs
+
+    out = Path(out)
+    runs = {k: s for k, d in run_dirs(out, rc).items() if (s := _json(d / "summary.json"))}
+    skipped = _json(out / "glue" / "skipped.json") or {}
+    tasks = [t for t in rc["glue"]["tasks"] if t not in skipped]
+    models: dict[str, Any] = {}
+    for key in glue_models(out, rc):
+        res = {t: r for t in tasks if (r := _json(out / "glue" / key / t / "results.json"))}
+        models[key] = {"mode": MODES.get(key, "moe"), **_pretraining(out, rc, key, runs),
+                       "glue": {t: [100.0 * x for x in scores(r)] for t, r in res.items()},
+                       "best_lr": {t: r["best_lr"] for t, r in res.items()},
+                       "glue_avg": [100.0 * x for x in per_seed_average(res)] if len(res) == len(tasks) else []}
+    comparisons = []
+    for a, b in COMPARISONS:
+        if a not in models or b not in models:
+            continue
+        for task in [*tasks, "GLUE avg"]:
+            xa = models[a]["glue_avg"] if task == "GLUE avg" else models[a]["glue"].get(task, [])
+            xb = models[b]["glue_avg"] if task == "GLUE avg" else models[b]["glue"].get(task, [])
+            if xa and xb:
+                comparisons.append({"a": a, "b": b, "task": task, **bootstrap_diff(xa, xb)})
+    return {"command": command, "tasks": tasks, "seeds": rc["glue"]["seeds"], "lrs": rc["glue"]["lrs"],
+            "scores": "percent: the task's GLUE score (mean of its metrics), per seed, at the best lr (highest median)",
+            "models": models, "comparisons": comparisons,
+            "analysis": {m: {c: r["mean"] for c, r in per.items()} for m, per in analysis_results(out).items()},
+            "skipped_tasks": skipped}
+
 def _json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def write_json_file(path: Path, data: Any) -> None:
+    from tcd_ds.atomic import write_json_atomic
+
+    write_json_atomic(path, data)
 
 
 def _machine() -> dict[str, Any]:
@@ -290,6 +377,10 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
            f"{g['max_train_examples'] or 'all'}, eval examples {g['max_eval_examples'] or 'all'} (dev split). "
            "Task score = mean of its metrics (MRPC: F1 and accuracy; CoLA: MCC); GLUE avg = per-seed mean over the "
            "tasks (WNLI included), then median (mean ± std) over seeds.", ""]
+    if g.get("per_task"):
+        md += ["Per-task settings (instead of the above): " + "; ".join(
+            f"{t}: " + ", ".join(f"{k} {', '.join(f'{x:g}' for x in v) if isinstance(v, list) else v}"
+                                 for k, v in st.items()) for t, st in g["per_task"].items()) + ".", ""]
     md += [md_table(["model"] + tasks + ["GLUE avg"], rows), ""]
     for t, why in skipped.items():
         md += [f"- {t} skipped: {why}"]
@@ -359,6 +450,50 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
         md += ["(not run)", ""]
     _plot_ood(runs, marks, out / "plots" / PLOTS[3])
 
+    # relations to the teacher (step analyze)
+    analysis = analysis_results(out)
+    md += [HEADINGS[8], ""]
+    if analysis:
+        corpora = sorted({c for per in analysis.values() for c in per})
+        head, rows = ["model", "GLUE avg"], []
+        for c in corpora:
+            head += [f"{c} L_T", f"{c} L_I", f"{c} L_A", f"{c} CKA T", f"{c} CKA I"]
+        for key, per in analysis.items():
+            row = [LABELS.get(key, f"TCD ablation {key[4:]}"), fmt_stats(per_seed_average(glue.get(key, {})))
+                   if key in glue else "–"]
+            for c in corpora:
+                m = per.get(c, {}).get("mean", {})
+                row += [fmt(m.get(x, {}).get("relation"), 4) for x in "TIA"] + \
+                    [fmt(m.get(x, {}).get("cka"), 3) for x in "TI"]
+            rows.append(row)
+        md += ["`python -m tcd_ds.analyze` on held-out text: the relation loss to the teacher (the trainer's "
+               "MSE form, mean over layers and taps of a position; lower = closer) and linear CKA between the "
+               "model's and the teacher's representations (T, I; higher = closer). Does TCD bring the student's "
+               "relations closer to the teacher's, and do the closer models transfer better (GLUE avg beside)?",
+               "", md_table(head, rows), ""]
+        if "baseline" in analysis and "tcd" in analysis:
+            c = corpora[0]
+            per_b, per_t = analysis["baseline"].get(c, {}).get("per_tap", {}), analysis["tcd"].get(c, {}).get("per_tap", {})
+            taps = [k for k in per_t if k.startswith(("T/", "I/"))]
+            md += [f"Per layer on {c} (baseline → student):", "", md_table(
+                ["tap", "relation baseline", "relation student", "CKA baseline", "CKA student"],
+                [[k, fmt(per_b.get(k, {}).get("relation"), 4), fmt(per_t[k]["relation"], 4),
+                  fmt(per_b.get(k, {}).get("cka"), 3), fmt(per_t[k].get("cka"), 3)] for k in taps]), ""]
+    else:
+        md += ["(not run)", ""]
+
+    # comparisons with bootstrap intervals (results.json)
+    res_json = results(out, rc, command)
+    rows = [[f"{LABELS[c['a']]} − {LABELS[c['b']]}", c["task"], f"{c['diff']:+.1f}",
+             f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]", f"{c['n_a']} / {c['n_b']}"]
+            for c in res_json["comparisons"]]
+    md += [HEADINGS[9], "", "Difference of mean scores (points), with a 95 % bootstrap interval (10,000 "
+           "replicates resampling each model's seeds independently; `tcd_ds/compare.py`). An interval that "
+           "contains 0 is no evidence either way.", "",
+           md_table(["a − b", "task", "diff", "95 % CI", "seeds a / b"], rows) if rows else "(nothing to compare yet)",
+           ""]
+    write_json_file(out / "results.json", res_json)
+
     # findings
     avg = {v: stats(per_seed_average(res)) for v, res in glue.items() if res}
     if "tcd" in avg:
@@ -377,7 +512,7 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
         d = 100 * (stats(trend["tcd"][last])["median"] - stats(trend["baseline"][last])["median"])
         findings.append(f"Trend: at step {last}, TCD {'−+'[d >= 0]}{abs(d):.1f} points on {tr['task']} vs the "
                         "baseline (see the table for the earlier checkpoints).")
-    md += [HEADINGS[8], "", *[f"- {f}" for f in findings or ["(nothing to compare yet)"]], "",
+    md += [HEADINGS[10], "", *[f"- {f}" for f in findings or ["(nothing to compare yet)"]], "",
            "At this scale the differences may well be within the seed spread above; the spread columns say so."]
     path = out / "report.md"
     tmp = path.with_name(".report.md.tmp")

@@ -188,3 +188,37 @@ def test_rerun_resumes_an_unfinished_training(pipeline):
     assert "ablations/TI/run: start" in proc.stdout and "(1 units run, " in proc.stdout
     assert "resume: from" in (out / "ablations" / "train.log").read_text().split("=====")[-1]
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
+
+
+def test_results_json_holds_models_comparisons_and_the_transfer_diagnostic(pipeline):
+    out, _, _ = pipeline
+    res = json.loads((out / "results.json").read_text())
+    assert res["command"].startswith("python -m tcd_ds.experiments tiny")
+    models = res["models"]
+    assert {k: m["mode"] for k, m in models.items()} == {
+        "teacher": "vanilla", "baseline": "moe", "baseline_aligned": "moe", "tcd": "tcd", "random_init": "random"}
+    for key, m in models.items():
+        assert m["hidden_size"] == 64 and set(m["glue"]) == {"MRPC", "WNLI"}
+        assert all(len(v) == 2 and all(0.0 <= x <= 100.0 for x in v) for v in m["glue"].values())
+        assert isinstance(m["val_mlm_loss"], float) and isinstance(m["gutenberg_mlm_loss"], float)
+        assert 0.0 <= m["val_mlm_accuracy"] <= 1.0
+    assert models["random_init"]["steps"] == 0 and models["random_init"]["tokens"] == 0
+    assert models["tcd"]["tokens"] > 0 and models["baseline_aligned"]["steps"] in (3, 6, 9, 12)
+    # the random-init model is scored by the same evaluation: near log(vocab), far from the trained ones
+    assert models["random_init"]["val_mlm_loss"] > models["teacher"]["val_mlm_loss"]
+    # the scores are the fine-tuning results' own, in percent
+    mrpc = json.loads((out / "glue" / "tcd" / "MRPC" / "results.json").read_text())
+    assert models["tcd"]["glue"]["MRPC"] == pytest.approx([100 * x for x in mrpc["glue_score"]["per_seed"]])
+    pairs = {(c["a"], c["b"], c["task"]) for c in res["comparisons"]}
+    for a, b in (("tcd", "baseline"), ("tcd", "baseline_aligned"), ("tcd", "teacher"), ("teacher", "random_init")):
+        assert {(a, b, t) for t in ("MRPC", "WNLI", "GLUE avg")} <= pairs
+    for c in res["comparisons"]:
+        xa = models[c["a"]]["glue_avg" if c["task"] == "GLUE avg" else "glue"]
+        xb = models[c["b"]]["glue_avg" if c["task"] == "GLUE avg" else "glue"]
+        xa, xb = (xa, xb) if c["task"] == "GLUE avg" else (xa[c["task"]], xb[c["task"]])
+        assert c["diff"] == pytest.approx(sum(xa) / len(xa) - sum(xb) / len(xb))
+        assert c["ci95"][0] <= c["diff"] + 1e-9 and c["diff"] - 1e-9 <= c["ci95"][1]
+    assert set(res["analysis"]) >= {"baseline", "tcd"} and set(res["analysis"]["tcd"]) == {"wikitext2", "gutenberg"}
+    assert set(res["analysis"]["tcd"]["wikitext2"]) == {"T", "I", "A"}
+    text = (out / "report.md").read_text()
+    assert "## Relations to the teacher" in text and "## Comparisons" in text and "Random init" in text

@@ -156,3 +156,41 @@ def test_train_end_to_end_without_shared_data(tmp_path):
     exported = (run_dir / "export" / "vocab.txt").read_text().splitlines()
     assert exported[:5] == list(REQUIRED_SPECIAL_TOKENS)
     assert json.loads((run_dir / "export" / "config.json").read_text())["vocab_size"] == len(exported)
+
+
+def test_trained_vocab_on_request(fallback, tmp_path):
+    """data.vocab=wordpiece:N trains the WordPiece recipe on the corpus in use, capped at N tokens,
+    cached by content: a recipe choice for speed (a smaller MLM head), not a fallback."""
+    from tcd_ds.config import ConfigError, build_config
+    from tcd_ds.data.fallback import trained_vocab_size
+
+    corpus = str(fallback["corpus"])
+    lines: list[str] = []
+    _, vocab = resolve_sources(corpus, "wordpiece:600", str(tmp_path / "cache"), lines.append)
+    tokens = Path(vocab).read_text().splitlines()
+    assert len(tokens) == 600 and tokens[:5] == list(REQUIRED_SPECIAL_TOKENS)
+    assert tokens == train_wordpiece(list(iter_documents(corpus)), 600)
+    assert is_fallback_vocab(vocab) and vocab_falls_back("wordpiece:600")  # the model's size follows it
+    assert len(lines) == 1 and lines[0].startswith("data.vocab=wordpiece:600: an uncased WordPiece vocab of 600")
+    again = resolve_sources(corpus, "wordpiece:600", str(tmp_path / "cache"), None)[1]
+    assert again == vocab  # cached: the same directory, not trained twice
+    assert trained_vocab_size("wordpiece:8192") == 8192 and trained_vocab_size("bert-base-uncased") is None
+    with pytest.raises(ConfigError, match=r"wordpiece:N with N >= 256"):
+        build_config("tiny", ["mode=vanilla", "data.vocab=wordpiece:12"])
+    with pytest.raises(ValueError, match=">= 256"):
+        resolve_sources(corpus, "wordpiece:100", str(tmp_path / "cache"), None)
+
+
+def test_train_with_a_trained_vocab(fallback, tmp_path):
+    """The trainer adopts the trained vocab's size and exports it with the model."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tcd_ds.train", "--config", "tiny", "--mode", "vanilla", "--deepspeed_config",
+           str(REPO / "ds_configs" / "cpu_zero2.json"), "train.max_steps=2", "train.log_every=1",
+           "train.eval_batches=1", f"data.cache_dir={tmp_path / 'cache'}", "data.eval_corpora=",
+           f"data.corpus={fallback['corpus']}", "data.vocab=wordpiece:700", f"run_dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data.vocab=wordpiece:700: an uncased WordPiece vocab of 700 tokens" in proc.stderr
+    exported = (run_dir / "export" / "vocab.txt").read_text().splitlines()
+    assert len(exported) == 700
+    assert json.loads((run_dir / "export" / "config.json").read_text())["vocab_size"] == 700

@@ -115,7 +115,11 @@ class MegaBlocksMoE(nn.Module):
                 h.remove()
         if isinstance(y, tuple):
             y = y[0]
-        routing = Routing(seen["expert"], seen["gate"].float(), seen["probs"].float(), seen["logits"].float())
+        # [T, k] whatever the release: some megablocks routers squeeze top-1 indices to [T]
+        # (`if moe_top_k == 1: expert_indices = expert_indices.squeeze(-1)`) and keep the weights [T, 1]
+        k = self.cfg.top_k
+        routing = Routing(seen["expert"].reshape(-1, k), seen["gate"].float().reshape(-1, k), seen["probs"].float(),
+                          seen["logits"].float())
         return y, router_stats(routing, self.cfg, y.new_zeros((), dtype=torch.float32))
 
     # --- canonical layout -------------------------------------------------------------------
