@@ -49,7 +49,8 @@ class Layout:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the one helper for it in the package)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -80,7 +81,7 @@ def detect_layout(env: dict[str, str] | None = None) -> Layout:
         addr = env.get("MASTER_ADDR") or slurm_master_addr(env)
         return Layout(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                       addr, port, "slurm")
-    return Layout(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    return Layout(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
 def device_for(layout: Layout) -> torch.device:

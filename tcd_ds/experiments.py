@@ -31,7 +31,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from typing import Any
 import yaml
 
 from tcd_ds.atomic import write_json_atomic
+from tcd_ds.dist import free_port
 
 RECIPES = Path(__file__).parent / "recipes" / "experiments"
 REPO = Path(__file__).resolve().parents[1]
@@ -335,12 +335,6 @@ def read_json(path: Path) -> Any:
         return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def fmt_time(seconds: float) -> str:
     m, s = divmod(round(seconds), 60)
     return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else f"{m}m{s:02d}s"
@@ -432,7 +426,7 @@ class Pipeline:
         else:
             launcher = shutil.which("deepspeed")
             launcher = [launcher] if launcher else [sys.executable, "-m", "deepspeed.launcher.runner"]
-            cmd = [*launcher, "--num_accelerators", str(ranks), "--master_port", str(_free_port()), str(TRAIN_PY),
+            cmd = [*launcher, "--num_accelerators", str(ranks), "--master_port", str(free_port()), str(TRAIN_PY),
                    *args]
         log = self.log()
         with open(log, "a") as f:

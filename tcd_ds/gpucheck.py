@@ -36,7 +36,6 @@ import gc
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+
+from tcd_ds.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DS_CONFIGS = REPO / "ds_configs"
@@ -98,12 +99,6 @@ CPU_PLAN = Plan(experts=4, hidden=16, ffn=32, tokens=(3, 10), backend_dtypes=(to
                 throughput_ds="cpu_zero2.json", throughput_backends=("torch",), warmup=1, repeats=2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -129,7 +124,7 @@ def process_group(device: torch.device) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in names}
     owned = not torch.distributed.is_initialized()
     if owned:
-        port = _free_port()
+        port = free_port()
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         if device.type == "cuda":
             torch.cuda.set_device(device)

@@ -3,7 +3,6 @@ parallelism, gloo on CPU), the canonical weight layout, parameter tagging, and M
 from __future__ import annotations
 
 import dataclasses
-import socket
 from datetime import timedelta
 
 import deepspeed  # noqa: F401 - a hard requirement: an import error must fail this module, not skip it
@@ -15,11 +14,13 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from torch import nn
 
 from tcd_ds.config import ModelConfig, MoEConfig
+from tcd_ds.gpucheck import canonical_grads
 from tcd_ds.model.experts.deepspeed import DeepSpeedMoE, ensure_expert_groups
 from tcd_ds.model.experts.megablocks import (
     UNAVAILABLE, MegaBlocksMoE, canonical_to_megablocks, megablocks_to_canonical)
 from tcd_ds.model.hf import load_hf_state_dict, to_hf_state_dict
 from tcd_ds.model.moe import build_moe
+from trainer_utils import free_port
 
 E, H, F_ = 4, 16, 32
 KEYS = ("w1", "b1", "w2", "b2")
@@ -50,18 +51,12 @@ def _canonical(ref: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _ref_grads(ref: nn.Module) -> dict[str, torch.Tensor]:
-    return {"router.weight": ref.router.weight.grad, **{f"experts.{n}": getattr(ref.experts, n).grad for n in KEYS}}
+    return canonical_grads("torch", ref)
 
 
 def _ds_grads(ds: DeepSpeedMoE) -> dict[str, torch.Tensor]:
     """DeepSpeed's parameter gradients in the canonical layout (like canonical_state_dict)."""
-    fc1 = [e.fc1 for e in ds.local_experts]
-    fc2 = [e.fc2 for e in ds.local_experts]
-    return {"router.weight": ds.gate.weight.grad,
-            "experts.w1": torch.stack([m.weight.grad.t() for m in fc1]),
-            "experts.b1": torch.stack([m.bias.grad for m in fc1]),
-            "experts.w2": torch.stack([m.weight.grad.t() for m in fc2]),
-            "experts.b2": torch.stack([m.bias.grad for m in fc2])}
+    return canonical_grads("deepspeed", ds)
 
 
 def _inputs(seed: int, shape=(3, 10, H)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,18 +76,12 @@ def _close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> None:
     torch.testing.assert_close(a, b, rtol=1e-4, atol=atol)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dist_group():
     """A world-size-1 gloo group with DeepSpeed's ep_size=1 expert groups (torn down afterwards)."""
     owned = not td.is_initialized()
     if owned:
-        td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+        td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                               timeout=timedelta(seconds=60))
     ensure_expert_groups(1)
     yield
@@ -376,7 +365,7 @@ def _ep_worker(rank: int, port: int) -> None:
 def test_deepspeed_expert_parallel_two_ranks():
     """ep_size=2 over two gloo processes: each holds half the experts, tokens cross by all-to-all, and
     outputs and gradients equal the torch reference on the full weights."""
-    torch.multiprocessing.spawn(_ep_worker, args=(_free_port(),), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ep_worker, args=(free_port(),), nprocs=2, join=True)
 
 
 # --------------------------------------------------------------------------- initialisation
@@ -431,7 +420,7 @@ def _init_worker(rank: int, port: int) -> None:
 def test_expert_init_does_not_depend_on_ep_size():
     """Two ranks, ep_size 2: the experts gathered from both ranks equal those an ep_size 1 model builds for
     the same seed (not copies of the local ones), and every other weight is the same too."""
-    torch.multiprocessing.spawn(_init_worker, args=(_free_port(),), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_init_worker, args=(free_port(),), nprocs=2, join=True)
 
 
 def test_expert_init_is_the_same_in_every_backend():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from datetime import timedelta
 
 import deepspeed.comm as ds_comm
@@ -20,7 +19,7 @@ from tcd_ds.distill.teacher import FrozenTeacher
 from tcd_ds.model.bert import BertForMaskedLM, BertModel
 from tcd_ds.optim import lr_lambda, param_groups
 
-from trainer_utils import REPO
+from trainer_utils import REPO, free_port
 
 E, H, V, S = 4, 16, 60, 12
 BACKENDS = ("torch", "grouped", "deepspeed")
@@ -31,16 +30,10 @@ OVERRIDES = ["mode=moe", f"model.vocab_size={V}", f"model.hidden_size={H}", "mod
              "train.lr=0.01", "train.weight_decay=0.1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def world_of_one():
     """A gloo world of one process, with the environment DeepSpeed's engine expects of a launcher."""
-    port = _free_port()
+    port = free_port()
     with pytest.MonkeyPatch.context() as env:
         for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():

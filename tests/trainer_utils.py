@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,10 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tcd_ds.dist import free_port  # noqa: E402,F401 - re-exported for the tests
 
 
 def quick(shared: Path, cache: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
