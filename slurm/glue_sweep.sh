@@ -20,8 +20,10 @@ read -r -a tasks <<< "${TCD_TASKS:-CoLA SST-2 MRPC STS-B QQP MNLI QNLI RTE WNLI}
 task="${tasks[${SLURM_ARRAY_TASK_ID:-0}]:?no GLUE task for array index ${SLURM_ARRAY_TASK_ID:-0}}"
 out="${TCD_OUT:-runs/glue-${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID}}}/${task}"
 echo "glue: array task ${SLURM_ARRAY_TASK_ID:-0} -> ${task} on $(hostname), results in ${out}" >&2
+# srun 22.05-23.02 does not pass the job's --cpus-per-task on to the step by itself
+export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 # shellcheck disable=SC2086  # TCD_FINETUNE_ARGS is a list of flags
-srun "${TCD_PYTHON:-python}" -u -m tcd_ds.finetune --model "${TCD_MODEL:?set TCD_MODEL to an export dir}" \
+srun --cpus-per-task="$SRUN_CPUS_PER_TASK" "${TCD_PYTHON:-python}" -u -m tcd_ds.finetune --model "${TCD_MODEL:?set TCD_MODEL to an export dir}" \
     --task "$task" --glue-dir "${TCD_GLUE_DIR:?set TCD_GLUE_DIR to a glue_data dir}" \
     --lrs "${TCD_LRS:-2e-5,3e-5,5e-5}" --seeds "${TCD_SEEDS:-1,2,3}" --epochs "${TCD_EPOCHS:-3}" \
     --out "$out" ${TCD_FINETUNE_ARGS:-}

@@ -10,10 +10,22 @@
 #   tcd_node_addr NAME             address of a node: NodeAddr from `scontrol show node` (node names
 #                                  need not resolve, e.g. CI's n1/n2 -> 127.0.0.1); an IPv4 address
 #                                  if NodeAddr is a resolvable host name
-#   tcd_master_addr                address of the first node ($TCD_MASTER_ADDR wins if set)
+#   tcd_master_addr                address of the first node ($TCD_MASTER_ADDR wins if set); never
+#                                  loopback when the job spans nodes: a node's own name often maps
+#                                  to 127.0.1.1 / 127.0.0.1, so a loopback answer is replaced by the
+#                                  first node's own non-loopback address (tcd_local_addr, run there)
+#   tcd_local_addr                 this host's non-loopback IPv4 address: the source address of its
+#                                  route to slurmctld, else of its default route, else the first
+#                                  of `hostname -I`
 #   tcd_master_port                10000 + SLURM_JOB_ID % 20000 ($TCD_MASTER_PORT wins): stable
 #                                  across requeues of a job, distinct for concurrent jobs, below
-#                                  the Linux ephemeral range (32768+)
+#                                  the Linux ephemeral range (32768+); the same formula as
+#                                  tcd_ds/dist.py: slurm_master_port
+#   tcd_cpus_env                   export SRUN_CPUS_PER_TASK and OMP_NUM_THREADS from the job's
+#                                  --cpus-per-task: srun 22.05-23.02 does not pass it on to the steps
+#                                  by itself (each rank would get one CPU)
+#   tcd_time_left                  seconds left before the job's time limit (`squeue -o %L`); empty
+#                                  when unlimited or unknown
 #   tcd_write_hostfile PATH [SLOTS]  DeepSpeed hostfile "<node> slots=N" per node of the allocation;
 #                                  SLOTS defaults to SLURM_NTASKS_PER_NODE, else 1
 #   tcd_export_dist_env            in the batch shell: export MASTER_ADDR, MASTER_PORT, WORLD_SIZE
@@ -26,6 +38,11 @@
 #                                  batch shell); the tasks checkpoint and exit; when CMD has
 #                                  returned the job is requeued (`scontrol requeue $SLURM_JOB_ID`),
 #                                  the rerun sees SLURM_RESTART_COUNT=1,2,...
+#                                  Deadline: the job is requeued TCD_REQUEUE_MARGIN seconds (default
+#                                  60) before its time limit even when the ranks have not returned
+#                                  by then (a save slower than the signal's lead time, a hung rank):
+#                                  a job that reaches its limit ends TIMEOUT and is never requeued.
+#                                  The rerun resumes from the last complete checkpoint.
 #                                  Returns CMD's status when no USR1 came. See tests/slurm_cluster.py.
 
 tcd_hosts() {
@@ -43,14 +60,69 @@ tcd_node_addr() {
     printf '%s\n' "$addr"
 }
 
+_tcd_loopback() { [[ "$1" =~ ^127\. || "$1" == ::1 || "$1" == localhost ]]; }
+
+_tcd_route_src() {  # the source address this host uses to reach IPv4 address $1 (nothing is sent)
+    ip -4 -o route get "$1" 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p' | head -n1
+}
+
+tcd_local_addr() {
+    local ctld addr
+    ctld=$(scontrol show config 2>/dev/null | sed -n 's/^SlurmctldHost\[0\] *= *//p' | head -n1)
+    if [[ "$ctld" == *"("*")"* ]]; then ctld="${ctld#*(}"; ctld="${ctld%)*}"; fi
+    [ -z "$ctld" ] || [[ "$ctld" =~ ^[0-9]+(\.[0-9]+){3}$ ]] \
+        || ctld=$(getent ahostsv4 "$ctld" 2>/dev/null | awk 'NR==1{print $1}')
+    for addr in ${ctld:+"$(_tcd_route_src "$ctld")"} "$(_tcd_route_src 1.1.1.1)" \
+                $(hostname -I 2>/dev/null | tr ' ' '\n' | grep -E '^[0-9]+(\.[0-9]+){3}$'); do
+        if [ -n "$addr" ] && ! _tcd_loopback "$addr"; then printf '%s\n' "$addr"; return 0; fi
+    done
+    return 1
+}
+
 tcd_master_addr() {
     if [ -n "${TCD_MASTER_ADDR:-}" ]; then printf '%s\n' "$TCD_MASTER_ADDR"; return; fi
-    tcd_node_addr "$(tcd_hosts | head -n1)"
+    local first addr
+    first=$(tcd_hosts | head -n1) || return 1
+    addr=$(tcd_node_addr "$first")
+    if _tcd_loopback "$addr" && [ "$(tcd_hosts | wc -l)" -gt 1 ]; then
+        # ranks on other nodes would dial their own loopback: use the first node's real address
+        if [ "${SLURMD_NODENAME:-}" = "$first" ]; then
+            addr=$(tcd_local_addr)
+        else  # not on the first node (the batch shell normally is): ask it
+            addr=$(srun --nodes=1 --ntasks=1 --nodelist="$first" --overlap bash -c \
+                   "source '${BASH_SOURCE[0]}' && tcd_local_addr" 2>/dev/null | head -n1)
+        fi
+        if [ -z "$addr" ] || _tcd_loopback "$addr"; then
+            echo "tcd: node $first resolves to loopback and has no other IPv4 address: set TCD_MASTER_ADDR" >&2
+            return 1
+        fi
+    fi
+    printf '%s\n' "$addr"
 }
 
 tcd_master_port() {
     if [ -n "${TCD_MASTER_PORT:-}" ]; then printf '%s\n' "$TCD_MASTER_PORT"; return; fi
     echo $(( 10000 + ${SLURM_JOB_ID:?tcd_master_port: SLURM_JOB_ID unset} % 20000 ))
+}
+
+tcd_cpus_env() {
+    local cpus="${SLURM_CPUS_PER_TASK:-1}"
+    export SRUN_CPUS_PER_TASK="$cpus" OMP_NUM_THREADS="${OMP_NUM_THREADS:-$cpus}"
+}
+
+tcd_time_left() {
+    local left d=0 h=0 m=0 s=0
+    left=$(squeue -h -j "${SLURM_JOB_ID:?tcd_time_left: SLURM_JOB_ID unset}" -o %L 2>/dev/null | head -n1)
+    left="${left//[[:space:]]/}"
+    [[ "$left" =~ ^([0-9]+-)?([0-9]+:){0,2}[0-9]+$ ]] || return 0  # UNLIMITED, NOT_SET, INVALID, ""
+    if [[ "$left" == *-* ]]; then d="${left%%-*}"; left="${left#*-}"; fi
+    IFS=: read -r -a parts <<< "$left"
+    case ${#parts[@]} in
+        3) h=${parts[0]} m=${parts[1]} s=${parts[2]} ;;
+        2) m=${parts[0]} s=${parts[1]} ;;
+        1) s=${parts[0]} ;;
+    esac
+    echo $(( 10#$d * 86400 + 10#$h * 3600 + 10#$m * 60 + 10#$s ))
 }
 
 tcd_write_hostfile() {
@@ -72,20 +144,40 @@ tcd_rank_env() {
 }
 
 TCD_GOT_USR1=0
+TCD_DEADLINE=""
 _tcd_on_usr1() {
+    local left
+    [ "$TCD_GOT_USR1" = 1 ] && return  # a second USR1 (e.g. scancel --full): already stopping
     TCD_GOT_USR1=1
-    echo "tcd: SIGUSR1 in batch shell of job ${SLURM_JOB_ID}: forwarding to all tasks" >&2
+    left=$(tcd_time_left)
+    if [ -n "$left" ]; then
+        TCD_DEADLINE=$(( SECONDS + left - ${TCD_REQUEUE_MARGIN:-60} ))
+        echo "tcd: SIGUSR1 in batch shell of job ${SLURM_JOB_ID} (${left} s left): forwarding to all tasks;" \
+             "requeueing in at most $(( TCD_DEADLINE - SECONDS )) s (TCD_REQUEUE_MARGIN=${TCD_REQUEUE_MARGIN:-60})" >&2
+    else
+        echo "tcd: SIGUSR1 in batch shell of job ${SLURM_JOB_ID}: forwarding to all tasks" >&2
+    fi
     scancel --signal=USR1 "$SLURM_JOB_ID" || true
 }
 
 tcd_srun_requeueable() {
     local pid rc
-    TCD_GOT_USR1=0
+    TCD_GOT_USR1=0 TCD_DEADLINE=""
     trap _tcd_on_usr1 USR1
     "$@" &
     pid=$!
-    # `wait` returns >128 when a trapped signal interrupts it: wait again until CMD really ended
+    # `wait` returns >128 when a trapped signal interrupts it: wait again until CMD really ended;
+    # after USR1, poll instead, so the job is requeued before its time limit whatever the ranks do
     while :; do
+        if [ -n "$TCD_DEADLINE" ]; then
+            while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$TCD_DEADLINE" ]; do sleep 1; done
+            if kill -0 "$pid" 2>/dev/null; then
+                echo "tcd: the ranks did not finish saving in time: requeueing now, before the time limit;" \
+                     "the rerun resumes from the last complete checkpoint" >&2
+                rc=124
+                break
+            fi
+        fi
         wait "$pid"; rc=$?
         kill -0 "$pid" 2>/dev/null || break
     done
@@ -109,7 +201,9 @@ tcd_srun_requeueable() {
 #   TCD_CPU=1 (CPU-only cluster: gloo, ds_configs/cpu_zero2.json); TCD_DS_CONFIG; TCD_OVERRIDES
 #   (extra key=value pairs, space-separated); TCD_LAUNCHER=srun (default: one task per GPU, ranks
 #   from SLURM_PROCID/LOCALID/NTASKS, no ssh) or deepspeed (a hostfile from the allocation and
-#   `deepspeed --launcher slurm`, which also starts the ranks with srun); TCD_PYTHON.
+#   `deepspeed --launcher slurm`, which also starts the ranks with srun); TCD_PYTHON;
+#   TCD_REQUEUE_MARGIN (see tcd_srun_requeueable). Each rank gets SLURM_CPUS_PER_TASK CPUs and as
+#   many OpenMP threads (OMP_NUM_THREADS, unless set).
 tcd_train() {
     local recipe="${TCD_RECIPE:-${1:?tcd_train RECIPE MODE}}" mode="${TCD_MODE:-${2:?tcd_train RECIPE MODE}}"
     shift 2
@@ -123,16 +217,21 @@ tcd_train() {
     cd "$repo" || return 1
     mkdir -p "$run_dir"
     tcd_export_dist_env || return 1
+    tcd_cpus_env
     echo "tcd: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}): ${recipe}/${mode} on ${SLURM_NTASKS} ranks" \
-         "(${SLURM_JOB_NODELIST}), master ${MASTER_ADDR}:${MASTER_PORT}; watch: tensorboard --logdir ${run_dir}/tensorboard" >&2
+         "(${SLURM_JOB_NODELIST}), master ${MASTER_ADDR}:${MASTER_PORT}, ${SRUN_CPUS_PER_TASK} CPUs per rank;" \
+         "watch: tensorboard --logdir ${run_dir}/tensorboard" >&2
     # shellcheck disable=SC2206  # TCD_OVERRIDES is a space-separated list of key=value words
     local args=(--config "$recipe" --mode "$mode" --deepspeed_config "$ds_config" "run_dir=$run_dir" "$@" ${TCD_OVERRIDES:-})
     if [ "${TCD_LAUNCHER:-srun}" = deepspeed ]; then
         tcd_write_hostfile "$run_dir/hostfile"
+        # DeepSpeed's own `srun` line: one crashed rank ends the step (no hang until the collective
+        # timeout), and every rank gets its cores
         tcd_srun_requeueable deepspeed --hostfile "$run_dir/hostfile" --launcher slurm --no_ssh_check \
+            --launcher_args "--kill-on-bad-exit=1 --cpus-per-task=${SRUN_CPUS_PER_TASK}" \
             --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" tcd_ds/train.py "${args[@]}"
     else
-        tcd_srun_requeueable srun --kill-on-bad-exit=1 bash -c \
+        tcd_srun_requeueable srun --kill-on-bad-exit=1 --cpus-per-task="${SRUN_CPUS_PER_TASK}" bash -c \
             'source slurm/launch.sh && tcd_rank_env && exec "$0" -u tcd_ds/train.py "$@"' "$python" "${args[@]}"
     fi
 }

@@ -4,11 +4,13 @@
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=8
-#SBATCH --time=48:00:00
+#SBATCH --exclusive
+#SBATCH --mem=0
+#SBATCH --time=24:00:00
 #SBATCH --output=logs/%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@300
+#SBATCH --signal=B:USR1@600
 # Pre-training of the vanilla (dense) large teacher: sbatch slurm/teacher_large.sh
 # Switches (TCD_CPU=1, TCD_RUN_DIR, TCD_OVERRIDES, ...): tcd_train in slurm/launch.sh; README: Clusters.
 source "${TCD_REPO:-$SLURM_SUBMIT_DIR}/slurm/launch.sh"

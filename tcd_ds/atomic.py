@@ -1,4 +1,6 @@
-"""Crash-safe file writes: a temporary file in the same directory, fsync, then an atomic rename.
+"""Crash-safe file writes: a temporary file in the same directory, fsync, then an atomic rename;
+and `read_json` / `read_jsonl`, the tolerant readers of the JSON (lines) files a run, a sweep or
+an experiment leaves behind.
 
 Every file written here gets the mode of any file the user creates (0666 minus the umask, usually
 0644), also when the library that fills the temporary file creates it private (safetensors'
@@ -60,6 +62,34 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The parsed content of the JSON file `path`, or None when it is missing, unreadable or not
+    valid JSON (a unit that has not finished, a file cut off by a crash before atomic writes)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def read_jsonl(path: str | os.PathLike, on_bad: Callable[[int, str], None] | None = None) -> list[Any]:
+    """The records of the JSON-lines file `path` ([] when it is missing), in file order. Appended
+    files are not written atomically, so a line that is not JSON (cut off by a crash mid-write) is
+    skipped, after `on_bad(line number, line)` when given; blank lines are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if on_bad is not None:
+                on_bad(lineno, line)
+    return records
 
 
 def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

@@ -40,7 +40,7 @@ from tcd_ds.model.hf import CheckpointError, config_from_hf, save_pretrained
 LATEST = "latest"
 COMPLETE = "complete.json"
 _TAG = re.compile(r"^step_(\d+)$")
-# DeepSpeed MoE keys (see tcd_ds/model/experts/deepspeed.py) -> canonical keys
+# DeepSpeed MoE keys (see tcd_ds/model/experts/expert_parallel.py) -> canonical keys
 _DS_GATE = re.compile(r"^(.*)\.moe\.deepspeed_moe\.gate\.wg\.weight$")
 _DS_EXPERT = re.compile(r"^(.*)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(fc1|fc2)\.(weight|bias)$")
 

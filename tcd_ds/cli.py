@@ -4,6 +4,7 @@
   line, `error: <what and how to fix it>`, on stderr and exits with status 2: `Parser` does it for
   argparse's own errors, `fail` / `exit_on` for the rest. No traceback for anything the user can fix.
 - `--help` shows every option's default (`DefaultsFormatter`), unless the help text already names it.
+- Durations in progress lines and reports read `1h02m03s` or `2m03s` (`format_duration`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ import sys
 from typing import Iterator, NoReturn
 
 USAGE_ERROR = 2
+
+
+def format_duration(seconds: float) -> str:
+    """`seconds` (rounded to whole seconds, negatives as 0) as `2m03s`, or `1h02m03s` from an hour."""
+    seconds = int(round(max(seconds, 0)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 def fail(message: object) -> NoReturn:

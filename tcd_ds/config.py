@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,9 @@ class ModelConfig:
     # sinusoid table (Vaswani et al.) scaled to the same std, which gives attention a relative-position
     # structure from step 0 (see docs/results/small/report.md for what it buys)
     position_init: str = "normal"
+    # "post": BERT's post-LN layer (the paper's); "pre": pre-LN (the sublayer's input normalised, the
+    # residual stream left alone, one final LayerNorm), a documented deviation for short budgets
+    layer_norm: str = "post"
     pad_token_id: int = 0
     activation_checkpointing: bool = False  # non-reentrant, per layer
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -90,6 +94,8 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.position_init not in ("normal", "sinusoidal"):
             raise ConfigError(f"model.position_init must be normal or sinusoidal, got {self.position_init!r}")
+        if self.layer_norm not in ("post", "pre"):
+            raise ConfigError(f"model.layer_norm must be post or pre, got {self.layer_norm!r}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
         self.moe.validate()
@@ -151,6 +157,17 @@ class TeacherConfig:
             raise ConfigError(f"teacher.dtype must be auto, fp16, bf16 or fp32, got {self.dtype!r}")
 
 
+_TRAINED_VOCAB = re.compile(r"wordpiece:(\d+)")  # data.vocab=wordpiece:N: a vocab trained on the corpus
+MIN_TRAINED_VOCAB = 256  # the alphabet and the ## pieces alone take a few hundred ids
+
+
+def trained_vocab_size(vocab: str) -> int | None:
+    """``N`` for ``vocab == "wordpiece:N"`` (train a vocab of at most N tokens on the corpus, see
+    ``tcd_ds/data/fallback.py``), else None."""
+    m = _TRAINED_VOCAB.fullmatch(str(vocab).strip())
+    return int(m.group(1)) if m else None
+
+
 @dataclass
 class DataConfig:
     """Pre-training corpus, tokenizer, packing and the held-out evaluation sets."""
@@ -175,8 +192,6 @@ class DataConfig:
         if not 0 < self.mlm_probability < 1:
             raise ConfigError(f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}")
         if self.vocab.startswith("wordpiece:"):
-            from tcd_ds.data.fallback import MIN_TRAINED_VOCAB, trained_vocab_size
-
             size = trained_vocab_size(self.vocab)
             if size is None or size < MIN_TRAINED_VOCAB:
                 raise ConfigError(f"data.vocab={self.vocab!r}: a trained vocab is wordpiece:N with N >= "
@@ -271,28 +286,77 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from nested plain values; unknown keys fail with the nearest valid one."""
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "", root: type | None = None) -> Any:
+    """Build dataclass `cls` from nested plain values; unknown keys fail with the nearest valid path
+    of the tree `root` (default `cls`) that `prefix` is in."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    root = root or cls
     types = _field_types(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in types:
-            raise ConfigError(_unknown_key(prefix + key, list(types), prefix))
+            raise ConfigError(_unknown_key(root, prefix + key, prefix, list(types), section=isinstance(value, dict)))
         tp = types[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value, prefix + key + ".")
+            kwargs[key] = from_dict(tp, value, prefix + key + ".", root)
         else:
             kwargs[key] = _coerce(value, tp, prefix + key)
     return cls(**kwargs)
 
 
-def _unknown_key(key: str, valid: list[str], prefix: str) -> str:
-    leaf = key[len(prefix):]
-    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(prefix + v for v in valid)}"
-    return f"unknown config key '{key}'{hint}"
+def config_paths(cls: type | None = None, prefix: str = "") -> dict[str, bool]:
+    """Every dotted path of the tree of `cls` (default `Config`), each mapped to whether it is a
+    section: `{"mode": False, "model": True, "model.moe": True, "model.moe.ep_size": False, ...}`."""
+    out: dict[str, bool] = {}
+    for name, tp in _field_types(cls or Config).items():
+        section = dataclasses.is_dataclass(tp)
+        out[prefix + name] = section
+        if section:
+            out.update(config_paths(tp, prefix + name + "."))
+    return out
+
+
+def nearest_paths(path: str, candidates: list[str], prefix: str = "") -> list[str]:
+    """The candidate full paths the user most likely meant by `path` (at most 3, best first), or []
+    when none is close. `prefix` is the leading part of `path` that exists in the tree.
+
+    In order: the candidates that end with `path` (`moe.ep_size` -> `model.moe.ep_size`); those with
+    the same last key (`train.ep_size` -> `model.moe.ep_size`); else the closest by `difflib` ratio
+    (>= 0.6, ties all named) of the unknown rest of `path` (from its first unknown key on) against a
+    candidate's rest under `prefix`, or against the candidate's last as many keys (`trian.max_steps`
+    -> `train.max_steps`, `moe.ep_sise` -> `model.moe.ep_size`, `train.jiter` -> `model.moe.jitter`)."""
+    parts, rest = path.split("."), path[len(prefix):]
+    depth = rest.count(".") + 1
+    for pool in ([c for c in candidates if c.endswith("." + path)],
+                 [c for c in candidates if c.rsplit(".", 1)[-1] == parts[-1]]):
+        if 0 < len(pool) <= 3:
+            return pool
+
+    def ratio(a: str, b: str) -> float:
+        return difflib.SequenceMatcher(None, a, b).ratio()
+
+    def score(candidate: str) -> float:
+        tail = ".".join(candidate.split(".")[-depth:])
+        under = ratio(rest, candidate[len(prefix):]) if candidate.startswith(prefix) else 0.0
+        return max(under, ratio(rest, tail))
+
+    scores = {c: score(c) for c in candidates}
+    best = max(scores.values(), default=0.0)
+    return [c for c, v in scores.items() if v == best][:3] if best >= 0.6 else []
+
+
+def _unknown_key(root: type, path: str, prefix: str, valid: list[str], section: bool) -> str:
+    """The message for the unknown dotted `path` (as the user wrote it; `prefix` is its part that
+    exists, `valid` the keys there): the nearest full paths of the tree of `root` that are sections
+    (`section=True`, a mapping was given) or values, else the valid keys at `prefix`."""
+    near = nearest_paths(path, [p for p, is_section in config_paths(root).items() if is_section == section], prefix)
+    if near:
+        names = [f"'{p}'" for p in near]
+        either = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+        return f"unknown config key '{path}'; did you mean {either}?"
+    where = f" in '{prefix.rstrip('.')}'" if prefix else ""
+    return f"unknown config key '{path}'; valid keys{where}: {', '.join(prefix + v for v in valid)}"
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -337,7 +401,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             types = _field_types(cls)
             prefix = ".".join(parts[:depth]) + ("." if depth else "")
             if part not in types:
-                raise ConfigError(_unknown_key(prefix + part, list(types), prefix))
+                raise ConfigError(_unknown_key(Config, path.strip(), prefix, list(types), section=False))
             if depth == len(parts) - 1:
                 if dataclasses.is_dataclass(types[part]):
                     raise ConfigError(f"config key '{path}' is a section; set one of its keys")

@@ -5,7 +5,8 @@ MASTER_PORT. Under `srun` (no ssh, one task per GPU) Slurm exports SLURM_PROCID 
 SLURM_NTASKS instead; the master address then comes from MASTER_ADDR if the batch script set it
 (slurm/launch.sh resolves the first host of the allocation), else from the first host of
 SLURM_JOB_NODELIST via `scontrol show hostnames` and `scontrol show node` (node names need not
-resolve). A plain `python -m tcd_ds.train` is a world of one.
+resolve; a loopback answer is never used when the job spans nodes), on port `slurm_master_port`.
+A plain `python -m tcd_ds.train` is a world of one.
 
 A busy host (another job on the launcher's default port 29500): under a single-node `deepspeed`
 launch (all ranks children of one `deepspeed.launcher.launch` process) the ranks never trust the
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import ipaddress
 import json
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -56,19 +60,92 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def slurm_master_addr(env: dict[str, str]) -> str:
-    """The first host of the allocation, resolved to an address (via Slurm when DNS cannot)."""
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
-    first = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                           check=True).stdout.split()[0]
+def slurm_master_port(job_id: int) -> int:
+    """The rendezvous port of Slurm job `job_id`: stable across its requeues, distinct for concurrent
+    jobs, in 10000-29999 (below the Linux ephemeral range, 32768+). slurm/launch.sh: tcd_master_port
+    computes the same."""
+    return 10000 + job_id % 20000
+
+
+def is_loopback(addr: str) -> bool:
     try:
-        return socket.gethostbyname(first)
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return addr == "localhost"
+
+
+def _route_source(dest: str) -> str | None:
+    """The source address this host would use to reach IPv4 `dest` (a UDP connect sends nothing)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((dest, 9))
+            return s.getsockname()[0]
     except OSError:
-        out = subprocess.run(["scontrol", "show", "node", first], capture_output=True, text=True, check=True).stdout
-        for token in out.split():
-            if token.startswith("NodeAddr="):
-                return socket.gethostbyname(token.split("=", 1)[1])
-        raise RuntimeError(f"cannot resolve the address of Slurm node {first}") from None
+        return None
+
+
+def local_address() -> str | None:
+    """This host's non-loopback IPv4 address: the source of its route to slurmctld, else of its
+    default route, else the first of `hostname -I` (slurm/launch.sh: tcd_local_addr)."""
+    candidates = []
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+        for line in out.splitlines():
+            if line.startswith("SlurmctldHost[0]"):
+                host = line.split("=", 1)[1].strip()
+                host = host.split("(", 1)[1].rstrip(")") if "(" in host else host
+                candidates.append(_route_source(socket.gethostbyname(host)))
+                break
+    except (OSError, subprocess.SubprocessError, IndexError):
+        pass
+    candidates.append(_route_source("1.1.1.1"))
+    try:
+        candidates += subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for addr in candidates:
+        if addr and ":" not in addr and not is_loopback(addr):
+            return addr
+    return None
+
+
+def _resolve_node(name: str) -> list[str]:
+    """IPv4 addresses of Slurm node `name`: DNS, else its NodeAddr in `scontrol show node`."""
+    try:
+        return list(dict.fromkeys(a[4][0] for a in socket.getaddrinfo(name, None, socket.AF_INET)))
+    except OSError:
+        pass
+    out = subprocess.run(["scontrol", "show", "node", name], capture_output=True, text=True, check=True).stdout
+    for token in out.split():
+        if token.startswith("NodeAddr="):
+            try:
+                return [socket.gethostbyname(token.split("=", 1)[1])]
+            except OSError:
+                break
+    raise RuntimeError(f"cannot resolve the address of Slurm node {name}")
+
+
+def slurm_master_addr(env: dict[str, str]) -> str:
+    """The first host of the allocation, resolved to an address (via Slurm when DNS cannot). Never a
+    loopback address when the job spans nodes (a node's own name often maps to 127.0.1.1): the first
+    node itself then uses its own non-loopback address; a rank elsewhere cannot learn it and stops
+    with an error naming MASTER_ADDR."""
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                           check=True).stdout.split()
+    first = hosts[0]
+    addrs = _resolve_node(first)
+    if len(hosts) == 1:
+        return addrs[0]
+    routable = [a for a in addrs if not is_loopback(a)]
+    if routable:
+        return routable[0]
+    own = local_address() if env.get("SLURMD_NODENAME") == first else None
+    if own is None:
+        raise RuntimeError(f"Slurm node {first} resolves to loopback ({addrs[0]}) and the job spans "
+                           f"{len(hosts)} nodes: export MASTER_ADDR=<its address> before srun (slurm/launch.sh: "
+                           f"tcd_train does)")
+    return own
 
 
 def detect_layout(env: dict[str, str] | None = None) -> Layout:
@@ -77,7 +154,7 @@ def detect_layout(env: dict[str, str] | None = None) -> Layout:
         return Layout(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "deepspeed/torchrun")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
-        port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000)
+        port = int(env.get("MASTER_PORT") or slurm_master_port(int(env.get("SLURM_JOB_ID", 0))))
         addr = env.get("MASTER_ADDR") or slurm_master_addr(env)
         return Layout(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                       addr, port, "slurm")
@@ -88,6 +165,45 @@ def device_for(layout: Layout) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", layout.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+# --- work done once: one rank builds, the others wait at a barrier --------------------------------
+
+BUILD_TIMEOUT_S = 48 * 3600.0  # how long the other ranks wait for rank 0's build (e.g. tokenising a corpus)
+
+
+def one_rank_first(fn, layout: Layout, timeout_s: float = BUILD_TIMEOUT_S):
+    """Return `fn()` on every rank, where `fn` builds something on disk or reuses what is there (the
+    token cache, the fallback corpus and vocab). Global rank 0 calls it first while the others wait
+    at a barrier; then local rank 0 of every other node (a cache dir that is not shared between
+    nodes); then the rest, which find it built. No cross-node file lock is needed (flock fails on
+    Lustre without `flock`). An error of a phase is raised on every rank, the later phases skipped.
+    The barrier runs on its own gloo group, with a timeout that a long build does not reach."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn()
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        result = None
+        phases = (layout.rank == 0, layout.rank != 0 and layout.local_rank == 0, layout.local_rank != 0)
+        for mine in phases:
+            error = None
+            if mine:
+                try:
+                    result = fn()
+                except Exception as err:  # noqa: BLE001 -- raised on every rank below
+                    error = err
+                    try:
+                        pickle.dumps(err)
+                    except Exception:  # noqa: BLE001
+                        error = RuntimeError(str(err))
+            errors: list = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error, group=group)
+            first = next((e for e in errors if e is not None), None)
+            if first is not None:
+                raise error if error is not None else first
+        return result
+    finally:
+        dist.destroy_process_group(group)
 
 
 # --- the port: chosen by the user, or free -------------------------------------------------------

@@ -40,13 +40,15 @@ from typing import Any
 
 import yaml
 
-from tcd_ds.atomic import write_json_atomic
+from tcd_ds.atomic import read_json, write_json_atomic, write_text_atomic
+from tcd_ds.cli import format_duration
 from tcd_ds.dist import free_port
+from tcd_ds.experiment_layout import (
+    STEPS, aligned_dir, analyzed_models, glue_models, random_init_dir, run_dirs, trend_steps)
 
 RECIPES = Path(__file__).parent / "recipes" / "experiments"
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = Path(__file__).parent / "train.py"
-STEPS = ("teacher", "pretrain", "align", "ablations", "trend", "ood", "analyze", "glue")
 FREE = ("pretrain", "teacher")  # trainer overrides (validated by tcd_ds.config), any depth
 DEFAULTS: dict[str, Any] = {
     "model_recipe": "tiny",  # tcd_ds/recipes/<name>.yaml or a path, for every pre-training run
@@ -248,6 +250,23 @@ def load(recipe: str, overrides: list[str] = ()) -> tuple[str, dict]:
     return path.stem, rc
 
 
+def resolve_ds_config(value: str, out: Path) -> tuple[str, str]:
+    """`ds_config: auto` is the faster CPU config for this CPU (`tcd_ds.hardware.cpu_ds_config`: bf16
+    where the CPU has bf16 matmul instructions, fp32 otherwise), chosen once per experiment and kept
+    in `<out>/ds_config.auto`, so a later session on another kind of CPU continues the same way.
+    Returns (config path, how it was chosen)."""
+    from tcd_ds.hardware import cpu_ds_config
+
+    if value != "auto":
+        return value, "given"
+    record = out / "ds_config.auto"
+    if record.is_file():
+        return record.read_text().strip(), f"auto, kept from this experiment's first run ({record})"
+    chosen = cpu_ds_config()
+    write_text_atomic(record, chosen + "\n")
+    return chosen, "auto, chosen for this CPU"
+
+
 def _ds_config(path: str) -> Path:
     for p in (Path(path), REPO / path):
         if p.is_file():
@@ -264,7 +283,8 @@ def validate(rc: dict) -> None:
         raise ExperimentError("ranks and jobs must be >= 1, threads >= 0")
     if rc["analyze"]["sequences"] < 1:
         raise ExperimentError(f"analyze.sequences must be >= 1, got {rc['analyze']['sequences']}")
-    _ds_config(rc["ds_config"])
+    if rc["ds_config"] != "auto":
+        _ds_config(rc["ds_config"])
     a, g, t = rc["align"], rc["glue"], rc["trend"]
     if a["factor"] < 1 or a["every"] < 1:
         raise ExperimentError("align.factor must be >= 1 and align.every >= 1")
@@ -328,18 +348,6 @@ def write_json(path: Path, data: Any) -> None:
     write_json_atomic(path, data)
 
 
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def fmt_time(seconds: float) -> str:
-    m, s = divmod(round(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else f"{m}m{s:02d}s"
-
-
 class Pipeline:
     def __init__(self, name: str, rc: dict, out: Path):
         self.name, self.rc, self.out = name, rc, out
@@ -353,7 +361,7 @@ class Pipeline:
         return {**os.environ, "PYTHONUNBUFFERED": "1", **threads}
 
     def say(self, text: str) -> None:
-        print(f"[{fmt_time(time.perf_counter() - self.t0)}] {text}", flush=True)
+        print(f"[{format_duration(time.perf_counter() - self.t0)}] {text}", flush=True)
 
     def log(self, name: str = "train.log") -> Path:
         (self.out / self.step).mkdir(parents=True, exist_ok=True)
@@ -382,7 +390,7 @@ class Pipeline:
                     "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
             write_json(directory / "done.json", done)
             self.ran.append(name)
-            self.say(f"  {name}: finished in {fmt_time(done['seconds'])}")
+            self.say(f"  {name}: finished in {format_duration(done['seconds'])}")
             return done
 
         if not deferred:
@@ -545,13 +553,6 @@ def select_aligned(eval_history: list[dict], saved_steps, target: float, key: st
 
 # --- the steps ----------------------------------------------------------------------------------
 
-def run_dirs(out: Path, rc: dict) -> dict[str, Path]:
-    d = {"teacher": out / "teacher" / "run", "baseline": out / "pretrain" / "baseline",
-         "tcd": out / "pretrain" / "tcd", "baseline_long": out / "align" / "baseline_long"}
-    d.update({f"tcd_{p}": out / "ablations" / p / "run" for p in rc["ablations"]["positions"]})
-    return d
-
-
 def step_teacher(p: Pipeline) -> None:
     p.train(run_dirs(p.out, p.rc)["teacher"], "vanilla", [], teacher=True)
 
@@ -591,7 +592,7 @@ def step_align(p: Pipeline) -> None:
     history = read_json(dirs["baseline_long"] / "summary.json")["eval_history"]
     ckpts = dirs["baseline_long"] / "checkpoints"
     sel = select_aligned(history, [s for _, s in complete_checkpoints(ckpts)], target)
-    unit_dir = p.out / "align" / "aligned"
+    unit_dir = aligned_dir(p.out)
 
     def work() -> dict:
         export_checkpoint(ckpts / f"step_{sel['step']:08d}", unit_dir / "export")
@@ -620,11 +621,6 @@ def step_ablations(p: Pipeline) -> None:
                 p.finetune(dirs[f"tcd_{pos}"] / "export", task, p.out / "ablations" / pos / task)
 
 
-def trend_steps(rc: dict) -> list[int]:
-    every, steps = rc["trend"]["every"], rc["_steps"]
-    return sorted(set(range(every, steps + 1, every)) | {steps})
-
-
 def step_trend(p: Pipeline) -> None:
     from tcd_ds.checkpoint import export_checkpoint
 
@@ -647,7 +643,7 @@ def ood_analysis(rc: dict, out: Path) -> dict:
     from tcd_ds.report import interpolate
 
     dirs = run_dirs(out, rc)
-    aligned = read_json(out / "align" / "aligned" / "done.json")
+    aligned = read_json(aligned_dir(out) / "done.json")
     if aligned is None or not (dirs["tcd"] / "summary.json").is_file():
         raise ExperimentError("step ood needs step align first")
     long = read_json(dirs["baseline_long"] / "summary.json")["eval_history"]
@@ -663,18 +659,9 @@ def ood_analysis(rc: dict, out: Path) -> dict:
 
 
 def step_ood(p: Pipeline) -> None:
-    aligned = read_json(p.out / "align" / "aligned" / "done.json") or {}
+    aligned = read_json(aligned_dir(p.out) / "done.json") or {}
     p.unit(p.out / "ood" / "analysis", {"aligned": aligned.get("step"), "target": aligned.get("target")},
            lambda: ood_analysis(p.rc, p.out))
-
-
-def analyzed_models(out: Path, rc: dict) -> dict[str, Path]:
-    """The MoE models compared with the teacher by `analyze` (those whose export exists)."""
-    dirs = run_dirs(out, rc)
-    models = {"baseline": dirs["baseline"] / "export", "baseline_aligned": out / "align" / "aligned" / "export",
-              "tcd": dirs["tcd"] / "export"}
-    models.update({f"tcd_{p}": dirs[f"tcd_{p}"] / "export" for p in rc["ablations"]["positions"]})
-    return {k: v for k, v in models.items() if (v / "config.json").is_file()}
 
 
 def _sha256(path: Path) -> str:
@@ -708,17 +695,6 @@ def step_analyze(p: Pipeline) -> None:
                 progress=False), strict=False)
 
 
-def glue_models(out: Path, rc: dict) -> dict[str, Path]:
-    dirs = run_dirs(out, rc)
-    models = {"teacher": dirs["teacher"] / "export", "baseline": dirs["baseline"] / "export"}
-    if rc["glue"]["include_aligned"]:
-        models["baseline_aligned"] = out / "align" / "aligned" / "export"
-    models["tcd"] = dirs["tcd"] / "export"
-    if rc["glue"]["include_random"]:
-        models["random_init"] = out / "glue" / "random_init" / "export"
-    return models
-
-
 class _Plain:
     """A plain module where `train.evaluate` expects an engine (`engine(...)`, `engine.module`)."""
 
@@ -746,7 +722,7 @@ def random_init_model(p: Pipeline) -> None:
         raise ExperimentError(f"the random-init row needs the teacher's export for its architecture: {teacher}")
     hf = read_json(teacher / "config.json")
     cfg = build_config(p.rc["model_recipe"], [*_trainer_overrides(p.rc["pretrain"]), "mode=vanilla"])
-    unit_dir = p.out / "glue" / "random_init"
+    unit_dir = random_init_dir(p.out)
 
     def work() -> dict:
         model_cfg = config_from_hf(hf)
@@ -818,9 +794,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(yaml.safe_dump({k: v for k, v in rc.items() if not k.startswith("_")}, sort_keys=False))
         return {"recipe": rc, "out": str(out)}
     out.mkdir(parents=True, exist_ok=True)
+    rc["ds_config"], how = resolve_ds_config(rc["ds_config"], out)
     command = "python -m tcd_ds.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
     p = Pipeline(name, rc, out)
-    p.say(f"experiment {name} -> {out} (steps {', '.join(steps)})")
+    p.say(f"experiment {name} -> {out} (steps {', '.join(steps)}); DeepSpeed config {rc['ds_config']} ({how})")
     walls = {}
     try:
         for i, step in enumerate(s for s in STEPS if s in steps):
@@ -833,7 +810,7 @@ def main(argv: list[str] | None = None) -> dict:
             write_json(out / step / "done.json", {"step": step, "units": len(units), "wall_s_last_invocation":
                                                   round(walls[step], 2), "seconds": round(sum(
                                                       u["seconds"] for u in units if u), 2)})
-            p.say(f"step {step}: finished in {fmt_time(walls[step])}")
+            p.say(f"step {step}: finished in {format_duration(walls[step])}")
     except ExperimentError as err:
         p.say(f"error: {err}")
         print(f"error: {err}", file=sys.stderr)

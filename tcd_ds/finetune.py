@@ -97,8 +97,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tcd_ds.atomic import write_json_atomic
+from tcd_ds.atomic import read_jsonl, write_json_atomic
 from tcd_ds.cli import Parser as _Parser
+from tcd_ds.cli import format_duration
 from tcd_ds.config import ConfigError, ModelConfig
 from tcd_ds.data import glue
 from tcd_ds.data.glue import Example, GlueDataError, TaskSpec
@@ -382,13 +383,6 @@ class Progress:
               f"{format_duration(per_step * (self.total - self.done))}", file=sys.stderr, flush=True)
 
 
-def format_duration(seconds: float) -> str:
-    seconds = int(round(max(seconds, 0)))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 def train_one(model: nn.Module, spec: TaskSpec, train: list[dict[str, Any]],
               eval_sets: dict[str, list[dict[str, Any]]], *, lr: float, seed: int, epochs: int,
               batch_size: int, warmup_ratio: float, weight_decay: float, max_grad_norm: float,
@@ -442,17 +436,8 @@ def train_one(model: nn.Module, spec: TaskSpec, train: list[dict[str, Any]],
 
 def _read_runs(path: Path) -> list[dict[str, Any]]:
     """The records in runs.jsonl; a torn last line (a crash mid-write) is ignored."""
-    if not path.is_file():
-        return []
-    runs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            runs.append(json.loads(line))
-        except json.JSONDecodeError:
-            print(f"warning: {path}:{lineno}: not a JSON record, ignored", file=sys.stderr)
-    return runs
+    return read_jsonl(path, lambda lineno, line: print(f"warning: {path}:{lineno}: not a JSON record, ignored",
+                                                      file=sys.stderr))
 
 
 def _append_run(path: Path, record: dict[str, Any]) -> None:

@@ -118,7 +118,7 @@ def process_group(device: torch.device) -> Iterator[None]:
     import deepspeed
     import deepspeed.comm as ds_comm
 
-    from tcd_ds.model.experts.deepspeed import ensure_expert_groups
+    from tcd_ds.model.experts.expert_parallel import ensure_expert_groups
 
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     saved = {k: os.environ.get(k) for k in names}
@@ -213,7 +213,7 @@ def canonical_grads(backend: str, layer: torch.nn.Module) -> dict[str, torch.Ten
                 "experts.b1": torch.stack([m.bias.grad for m in fc1]),
                 "experts.w2": torch.stack([m.weight.grad.t() for m in fc2]),
                 "experts.b2": torch.stack([m.bias.grad for m in fc2])}
-    from tcd_ds.model.experts.megablocks import megablocks_to_canonical
+    from tcd_ds.model.experts.dropless import megablocks_to_canonical
 
     w1, w2 = megablocks_to_canonical(layer.mlp.w1.grad, layer.mlp.w2.grad, layer.num_experts)
     return {"router.weight": layer.router_weight.grad, "experts.w1": w1, "experts.w2": w2}

@@ -13,30 +13,35 @@ from pathlib import Path
 
 import torch
 
+from tcd_ds.atomic import read_jsonl
+from tcd_ds.cli import format_duration
+from tcd_ds.hardware import cpu_bf16_native
+
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024,
                         seconds: float = 0.5) -> float:
-    """This machine's own dense matmul throughput in FLOP/s (the MFU denominator)."""
+    """This machine's own dense matmul throughput in FLOP/s (the MFU denominator). Takes about
+    `seconds`, or one matmul's time where that is longer (emulated bf16 on a CPU without it)."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_bf16_native():
+        n = min(n, 256)  # emulated bf16: a 1024^3 matmul alone would take ~10 s
     g = torch.Generator(device=device).manual_seed(0)  # private: the training RNG streams stay untouched
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    for _ in range(2):
-        a @ b
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # first call: allocation, kernel choice
     sync()
+    start = time.perf_counter()
+    a @ b
+    sync()
+    once = time.perf_counter() - start
+    if once >= seconds / 4:
+        return 2 * n ** 3 / once
     iters, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         iters += 1
     sync()
     return 2 * n ** 3 * iters / (time.perf_counter() - start)
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 class Monitor:
@@ -95,14 +100,9 @@ class MetricsLog:
 
     def read(self, kind: str) -> list[dict]:
         rows: dict[int, dict] = {}
-        if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut off by a crash
-                    continue
-                if row.get("kind") == kind:
-                    rows[row["step"]] = {k: v for k, v in row.items() if k != "kind"}
+        for row in read_jsonl(self.path):  # a line cut off by a crash is skipped
+            if row.get("kind") == kind:
+                rows[row["step"]] = {k: v for k, v in row.items() if k != "kind"}
         return [rows[s] for s in sorted(rows)]
 
 

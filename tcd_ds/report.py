@@ -5,7 +5,6 @@ over seeds, in percent, at the best lr of each sweep (highest median score; samp
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 from pathlib import Path
@@ -13,6 +12,10 @@ from typing import Any
 
 import numpy as np
 import yaml
+
+from tcd_ds.atomic import read_json, read_jsonl, write_json_atomic
+from tcd_ds.cli import format_duration
+from tcd_ds.experiment_layout import STEPS, aligned_dir, glue_models, random_init_dir, run_dirs, trend_steps
 
 COLORS = {"teacher": "tab:blue", "baseline": "tab:orange", "baseline_long": "tab:red", "tcd": "tab:green"}
 LABELS = {"teacher": "Teacher (vanilla BERT)", "baseline": "MoE baseline (epoch-aligned)",
@@ -91,13 +94,11 @@ def _tokens_at(history: list[dict], step: int) -> int | None:
 
 def _pretraining(out: Path, rc: dict, key: str, runs: dict[str, dict]) -> dict[str, Any]:
     """steps, tokens and the held-out MLM figures of one model of results.json."""
-    from tcd_ds.experiments import run_dirs
-
     if key == "random_init":
-        done = _json(out / "glue" / "random_init" / "done.json") or {}
+        done = read_json(random_init_dir(out) / "done.json") or {}
         ev, steps, tokens = done.get("eval") or {}, 0, 0
     elif key == "baseline_aligned":
-        al = _json(out / "align" / "aligned" / "done.json")
+        al = read_json(aligned_dir(out) / "done.json")
         long = runs.get("baseline_long")
         if not al or not long:
             return {}
@@ -108,9 +109,9 @@ def _pretraining(out: Path, rc: dict, key: str, runs: dict[str, dict]) -> dict[s
         if not s:
             return {}
         ev, steps, tokens = s.get("eval") or {}, s["steps"], s.get("tokens")
-    export = (out / "glue" / "random_init" / "export") if key == "random_init" else (
-        out / "align" / "aligned" / "export" if key == "baseline_aligned" else run_dirs(out, rc)[key] / "export")
-    config = _json(export / "config.json") or {}
+    export = (random_init_dir(out) / "export") if key == "random_init" else (
+        aligned_dir(out) / "export" if key == "baseline_aligned" else run_dirs(out, rc)[key] / "export")
+    config = read_json(export / "config.json") or {}
     return {"hidden_size": config.get("hidden_size"), "num_experts": config.get("num_experts", 0),
             "steps": steps, "tokens": tokens,
             "val_mlm_loss": ev.get("val", {}).get("mlm_loss"), "val_mlm_accuracy": ev.get("val", {}).get("accuracy"),
@@ -122,7 +123,7 @@ def analysis_results(out: Path) -> dict[str, dict[str, dict]]:
     """model -> eval corpus -> the `analyze` result (its per-tap figures and means) of step analyze."""
     found: dict[str, dict[str, dict]] = {}
     for done in sorted((Path(out) / "analyze").glob("*/*/done.json")):
-        if (d := _json(done)) and "mean" in d:
+        if (d := read_json(done)) and "mean" in d:
             found.setdefault(done.parent.parent.name, {})[done.parent.name] = d
     return found
 
@@ -131,15 +132,14 @@ def results(out: Path, rc: dict, command: str) -> dict[str, Any]:
     """What `results.json` holds: per model its pre-training figures and per GLUE task its per-seed
     scores (percent, at the sweep's best lr), and the comparisons with 95 % bootstrap intervals."""
     from tcd_ds.compare import bootstrap_diff
-    from tcd_ds.experiments import glue_models, run_dirs
 
     out = Path(out)
-    runs = {k: s for k, d in run_dirs(out, rc).items() if (s := _json(d / "summary.json"))}
-    skipped = _json(out / "glue" / "skipped.json") or {}
+    runs = {k: s for k, d in run_dirs(out, rc).items() if (s := read_json(d / "summary.json"))}
+    skipped = read_json(out / "glue" / "skipped.json") or {}
     tasks = [t for t in rc["glue"]["tasks"] if t not in skipped]
     models: dict[str, Any] = {}
     for key in glue_models(out, rc):
-        res = {t: r for t in tasks if (r := _json(out / "glue" / key / t / "results.json"))}
+        res = {t: r for t in tasks if (r := read_json(out / "glue" / key / t / "results.json"))}
         models[key] = {"mode": MODES.get(key, "moe"), **_pretraining(out, rc, key, runs),
                        "glue": {t: [100.0 * x for x in scores(r)] for t, r in res.items()},
                        "best_lr": {t: r["best_lr"] for t, r in res.items()},
@@ -158,19 +158,6 @@ def results(out: Path, rc: dict, command: str) -> dict[str, Any]:
             "models": models, "comparisons": comparisons,
             "analysis": {m: {c: r["mean"] for c, r in per.items()} for m, per in analysis_results(out).items()},
             "skipped_tasks": skipped}
-
-def _json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def write_json_file(path: Path, data: Any) -> None:
-    from tcd_ds.atomic import write_json_atomic
-
-    write_json_atomic(path, data)
-
 
 def _machine() -> dict[str, Any]:
     import torch
@@ -287,12 +274,10 @@ def _plot_ood(runs: dict[str, dict], marks: dict[str, tuple[float, float]], path
 # --- the report ---------------------------------------------------------------------------------
 
 def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
-    from tcd_ds.experiments import STEPS, fmt_time, glue_models, run_dirs, trend_steps
-
     out = Path(out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     dirs = run_dirs(out, rc)
-    runs = {k: s for k, d in dirs.items() if (s := _json(d / "summary.json"))}
+    runs = {k: s for k, d in dirs.items() if (s := read_json(d / "summary.json"))}
     g, abl, tr = rc["glue"], rc["ablations"], rc["trend"]
     md = [f"# TCD experiment `{name}`", "",
           "Reproduction of the protocol of *Transfer Capability Distillation* (arXiv 2403.01994) at this "
@@ -301,12 +286,12 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
 
     # setup
     md += [HEADINGS[0], "", "Command (run from `" + os.getcwd() + "`):", "", "```bash", command, "```", ""]
-    inv = [json.loads(x) for x in (out / "invocations.jsonl").read_text().splitlines()] \
-        if (out / "invocations.jsonl").is_file() else []
+    inv = read_jsonl(out / "invocations.jsonl")
     if len(inv) > 1:
         md += ["Invocations of this out dir (resumes skip finished units):", "",
                md_table(["started", "command", "wall", "units run"],
-                        [[i["started"], f"`{i['command']}`", fmt_time(i["wall_s"]), len(i["ran"])] for i in inv]), ""]
+                        [[i["started"], f"`{i['command']}`", format_duration(i["wall_s"]), len(i["ran"])]
+                         for i in inv]), ""]
     md += ["Machine:", "", md_table(["key", "value"], [[k, v] for k, v in _machine().items()] + [
         ["threads per process (OMP_NUM_THREADS)", rc["threads"] or "default"], ["pre-training ranks", rc["ranks"]],
         ["fine-tuning jobs at a time", rc["jobs"]]]), "",
@@ -322,10 +307,11 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
                 walls[step] = walls.get(step, 0.0) + wall
     rows = []
     for i, step in enumerate(STEPS, 1):
-        d = _json(out / step / "done.json")
-        rows.append([f"{i}. {step}", d["units"] if d else "not run", fmt_time(walls[step]) if step in walls else "–",
-                     fmt_time(d["seconds"]) if d else "–"])
-    rows.append(["total", "", fmt_time(sum(walls.values())), ""])
+        d = read_json(out / step / "done.json")
+        rows.append([f"{i}. {step}", d["units"] if d else "not run",
+                     format_duration(walls[step]) if step in walls else "–",
+                     format_duration(d["seconds"]) if d else "–"])
+    rows.append(["total", "", format_duration(sum(walls.values())), ""])
     md += [HEADINGS[1], "", "Wall time = the time the step took in the invocation(s) that ran its units; unit time = "
            f"the sum of its units' own times (fine-tunings run {rc['jobs']} at a time, so theirs overlap).", "",
            md_table(["step", "units", "wall time", "unit time"], rows), ""]
@@ -348,7 +334,7 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
                  out / "plots" / PLOTS[0])
 
     # alignment
-    al = _json(out / "align" / "aligned" / "done.json")
+    al = read_json(aligned_dir(out) / "done.json")
     md += [HEADINGS[3], ""]
     if al:
         md += [f"Pre-training-performance alignment: the baseline is trained {rc['align']['factor']:g}× longer "
@@ -364,9 +350,9 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
         md += ["(not run)", ""]
 
     # GLUE
-    skipped = _json(out / "glue" / "skipped.json") or {}
+    skipped = read_json(out / "glue" / "skipped.json") or {}
     tasks = [t for t in g["tasks"] if t not in skipped]
-    glue = {v: {t: r for t in tasks if (r := _json(out / "glue" / v / t / "results.json"))}
+    glue = {v: {t: r for t in tasks if (r := read_json(out / "glue" / v / t / "results.json"))}
             for v in glue_models(out, rc)}
     rows = []
     for v, res in glue.items():
@@ -392,7 +378,7 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
         [(p, f"tcd_{p}", out / "ablations" / p) for p in abl["positions"]] + [("TIA (full TCD)", "tcd", None)]
     rows, bars = [], []
     for label, key, adir in full:
-        res = {t: (_json(adir / t / "results.json") if adir else glue.get(key, {}).get(t)) for t in abl["tasks"]}
+        res = {t: (read_json(adir / t / "results.json") if adir else glue.get(key, {}).get(t)) for t in abl["tasks"]}
         res = {t: r for t, r in res.items() if r}
         ev = (runs.get(key) or {}).get("eval") or {}
         val = ev.get("val", {}).get("mlm_loss")
@@ -407,7 +393,7 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
     _plot_ablations(bars, " + ".join(abl["tasks"]), out / "plots" / PLOTS[2])
 
     # trend
-    trend = {v: {s: scores(_json(out / "trend" / v / f"step_{s:08d}" / "results.json")) for s in trend_steps(rc)}
+    trend = {v: {s: scores(read_json(out / "trend" / v / f"step_{s:08d}" / "results.json")) for s in trend_steps(rc)}
              for v in ("baseline", "tcd")}
     md += [HEADINGS[6], "", f"{tr['task']} fine-tuned from checkpoints saved along pre-training (lrs "
            f"{', '.join(f'{x:g}' for x in tr['lrs'] or g['lrs'])}, seeds {', '.join(map(str, tr['seeds'] or g['seeds']))})."
@@ -417,7 +403,7 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
     _plot_trend(trend, tr["task"], out / "plots" / PLOTS[1])
 
     # OOD
-    ood = _json(out / "ood" / "analysis" / "done.json")
+    ood = read_json(out / "ood" / "analysis" / "done.json")
     md += [HEADINGS[7], ""]
     marks, findings = {}, []
     if ood:
@@ -492,7 +478,7 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
            "contains 0 is no evidence either way.", "",
            md_table(["a − b", "task", "diff", "95 % CI", "seeds a / b"], rows) if rows else "(nothing to compare yet)",
            ""]
-    write_json_file(out / "results.json", res_json)
+    write_json_atomic(out / "results.json", res_json)
 
     # findings
     avg = {v: stats(per_seed_average(res)) for v, res in glue.items() if res}

@@ -41,13 +41,14 @@ from tcd_ds.data.fallback import is_fallback_vocab, resolve_sources, vocab_falls
 from tcd_ds.data.mlm import mask_tokens, mlm_generator
 from tcd_ds.data.shards import PackedDataset, SampleOrder, build_token_cache, read_index, split_train_val
 from tcd_ds.data.tokenizer import load_tokenizer, resolve_vocab_path, special_ids
-from tcd_ds.dist import Layout, detect_layout, init_distributed
+from tcd_ds.dist import Layout, detect_layout, init_distributed, one_rank_first
 from tcd_ds.distill.objective import RelationObjective, check_compatible
 from tcd_ds.distill.taps import Taps, tap_points
 from tcd_ds.distill.teacher import FrozenTeacher, load_teacher, read_teacher_config, teacher_dir
 from tcd_ds.model.bert import BertForMaskedLM, flops_per_token, num_parameters
 from tcd_ds.memory import format_plan, memory_plan
 from tcd_ds.model.hf import CheckpointError, config_to_hf
+from tcd_ds.hardware import bf16_warning
 from tcd_ds.monitor import MetricsLog, Monitor, measure_matmul_peak, quiet_known_warnings, run_summary_block
 from tcd_ds.optim import GuardedAdamW, GuardedLambdaLR, lr_lambda, param_groups
 
@@ -144,15 +145,16 @@ class Data:
 
 def build_data(cfg: Config, layout: Layout) -> Data:
     show = layout.is_main
-    # a missing default corpus/vocab (no ../shared/data) falls back to bundled real text; every rank
-    # calls this, one builds under a file lock, the others wait and reuse
-    cfg.data.corpus, cfg.data.vocab = resolve_sources(cfg.data.corpus, cfg.data.vocab, cfg.data.cache_dir,
-                                                      warn=warn_stderr if show else None)
+    # a missing default corpus/vocab (no ../shared/data) falls back to bundled real text. What is built
+    # on disk (that fallback, the token caches) is built by rank 0 while the others wait at a barrier,
+    # then reused (one_rank_first: no cross-node file lock)
+    cfg.data.corpus, cfg.data.vocab = one_rank_first(lambda: resolve_sources(
+        cfg.data.corpus, cfg.data.vocab, cfg.data.cache_dir, warn=warn_stderr if show else None), layout)
     tok = load_tokenizer(cfg.data.vocab)
     sp = special_ids(tok)
     limit = cfg.data.max_documents or None
-    index = build_token_cache(cfg.data.corpus, tok, cfg.data.cache_dir, cfg.data.max_seq_len,
-                              max_documents=limit, progress=show)
+    index = one_rank_first(lambda: build_token_cache(cfg.data.corpus, tok, cfg.data.cache_dir, cfg.data.max_seq_len,
+                                                     max_documents=limit, progress=show), layout)
     train, val = split_train_val(index, cfg.data.val_fraction)
     evals = {}
     for name, source in cfg.data.eval_sets().items():
@@ -160,8 +162,9 @@ def build_data(cfg: Config, layout: Layout) -> Data:
             if show:
                 print(f"eval set {name}: {source} not found, skipped", file=sys.stderr)
             continue
-        path = build_token_cache(source, tok, cfg.data.cache_dir, cfg.data.max_seq_len,
-                                 max_sequences=cfg.data.eval_max_sequences, progress=show)
+        path = one_rank_first(lambda: build_token_cache(source, tok, cfg.data.cache_dir, cfg.data.max_seq_len,
+                                                        max_sequences=cfg.data.eval_max_sequences, progress=show),
+                              layout)
         evals[name] = PackedDataset(read_index(path))
     order = SampleOrder(len(train), cfg.seed, layout.world_size, cfg.train.micro_batch_size, cfg.train.grad_accum)
     return Data(train, val, evals, order, sp, sp.vocab_size)
@@ -339,7 +342,10 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client: dict, model_confi
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves, and exits."""
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves (no eval first: the time left
+    before the job's limit is for the save), and exits. Installed first thing in `main()`: a signal
+    during start-up (data, model, teacher, engine, resume) then stops the run after its first step
+    instead of killing the process."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -358,7 +364,8 @@ class StopRequest:
 
 # --- the loop ---------------------------------------------------------------------------------
 
-def train(cfg: Config, layout: Layout, device: torch.device, ds_config: dict, resume: str) -> dict:
+def train(cfg: Config, layout: Layout, device: torch.device, ds_config: dict, resume: str,
+          stop: StopRequest | None = None) -> dict:
     run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
     node = os.environ.get("SLURMD_NODENAME", socket.gethostname())
     print(f"rank {layout.rank}/{layout.world_size} (local {layout.local_rank}) on {node}, device {device}, "
@@ -389,6 +396,8 @@ def train(cfg: Config, layout: Layout, device: torch.device, ds_config: dict, re
     monitor = Monitor(run_dir, layout.is_main, cfg.train.max_steps, step)
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
         torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
+    if layout.is_main and device.type == "cpu" and dtype == torch.bfloat16 and bf16_warning():
+        monitor.message(bf16_warning())
     peak = measure_matmul_peak(device, dtype) if layout.is_main else 0.0
     fpt = flops_per_token(model_cfg, cfg.data.max_seq_len, cfg.data.mlm_probability)
     if layout.is_main:
@@ -403,7 +412,8 @@ def train(cfg: Config, layout: Layout, device: torch.device, ds_config: dict, re
             ds_config.get("zero_optimization", {}).get("stage", 0), names[dtype],
             teacher.config if teacher else None, teacher_dtype)))
 
-    stop = StopRequest()
+    if stop is None:
+        stop = StopRequest()
     model_config = config_to_hf(model_cfg)
     metrics = MetricsLog(run_dir / "metrics.jsonl", layout.is_main)
     inject = injected_faults()
@@ -476,9 +486,11 @@ def train(cfg: Config, layout: Layout, device: torch.device, ds_config: dict, re
                                                **{k: v for k, v in logged.items() if "/" not in k}})
                 window_tokens, window_start = 0, time.perf_counter()
 
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+            stopping = stop.agreed(device)  # before the eval: after a signal, save at once
+            if (cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps
+                    and not stopping):
                 metrics.append("eval", step, run_evals(engine, data, cfg, layout, device, monitor, step))
-            if stop.agreed(device):
+            if stopping:
                 interrupted = True
                 save(step)
                 monitor.message(f"signal {stop.signal}: saved step {step}; exiting with status {REQUEUE_EXIT} (requeue)")
@@ -535,6 +547,7 @@ def log_expert_load(monitor: Monitor, step: int, stats) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    stop = StopRequest()  # first: a SIGUSR1/SIGTERM during start-up must not kill the rank
     args = parse_args(argv)
     quiet_known_warnings()
     overrides = ([f"mode={args.mode}"] if args.mode else []) + args.overrides
@@ -565,7 +578,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
     device = init_distributed(layout, cfg.train.collective_timeout_s)
     try:
-        summary = train(cfg, layout, device, ds_config, args.resume)
+        summary = train(cfg, layout, device, ds_config, args.resume, stop)
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

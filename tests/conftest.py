@@ -41,3 +41,13 @@ def tiny_teacher(tmp_path_factory) -> Path:
 
 
 from slurm_cluster import slurm_cluster  # noqa: E402,F401  (the module-scoped 2-node Slurm fixture)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers (pyproject.toml) that follow from a test's fixtures, so no test can miss them: a test
+    on the Slurm test cluster needs Slurm, runs its jobs in processes and is slow."""
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            for name in ("slurm", "multiproc", "slow"):
+                if item.get_closest_marker(name) is None:
+                    item.add_marker(name)

@@ -118,6 +118,8 @@ def test_relations_and_cka_equal_an_independent_computation(setup):
     assert 0.0 < r["mean"]["T"]["relation"] and r["mean"]["T"]["cka"] < 1.0
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_cli_writes_json_and_refuses_bad_input(setup, tmp_path):
     out = tmp_path / "a.json"
     cmd = [sys.executable, "-m", "tcd_ds.analyze", str(setup["other"]), "--teacher", str(setup["teacher"]),

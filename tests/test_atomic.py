@@ -66,3 +66,21 @@ def test_export_weights_get_the_users_mode(tmp_path):
     cfg = ModelConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position=16)
     out = save_pretrained(BertForMaskedLM(cfg), cfg, tmp_path / "export")
     assert mode(out / "model.safetensors") == atomic.user_file_mode() == mode(out / "config.json")
+
+
+def test_read_json_and_jsonl_tolerate_missing_and_torn_files(tmp_path):
+    path = tmp_path / "done.json"
+    assert atomic.read_json(path) is None  # missing
+    atomic.write_json_atomic(path, {"a": [1, 2]})
+    assert atomic.read_json(path) == {"a": [1, 2]}
+    path.write_text('{"a": [1,')  # cut off
+    assert atomic.read_json(path) is None
+    path.write_bytes(b"\xff\xfe")  # not UTF-8
+    assert atomic.read_json(path) is None
+
+    lines = tmp_path / "runs.jsonl"
+    assert atomic.read_jsonl(lines) == []
+    lines.write_text('{"step": 1}\n\n{"step": 2}\n{"step": 3, "lo')  # a torn last line
+    bad = []
+    assert atomic.read_jsonl(lines, lambda n, line: bad.append((n, line))) == [{"step": 1}, {"step": 2}]
+    assert bad == [(4, '{"step": 3, "lo')]

@@ -32,6 +32,8 @@ def _finite_numbers(x, where="result"):
             _finite_numbers(v, f"{where}[{i}]")
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_every_section_present_and_finite(quick):
     result, _ = quick
     assert set(result["sections"]) == set(suite.SECTIONS)
@@ -44,6 +46,8 @@ def test_every_section_present_and_finite(quick):
         assert "| " in sec["table"] and sec["title"], name
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_relation_rows(quick):
     from tcd_ds.bench import relation
 
@@ -54,6 +58,8 @@ def test_relation_rows(quick):
         assert r["median_ms"] > 0 and r["min_ms"] > 0 and r["peak_mib"] >= 0 and r["impl"] in ("naive", "gram")
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_moe_rows(quick):
     from tcd_ds.bench import moe
 
@@ -71,6 +77,8 @@ def test_moe_rows(quick):
     assert {"dense", "torch", "grouped", "deepspeed"} <= ok
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_step_rows(quick):
     from tcd_ds.bench import step
 
@@ -83,6 +91,8 @@ def test_step_rows(quick):
         assert all(p > 0 for p in info["matmul_peak_gflops"]) and info["tap_pairs"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_scaling_rows(quick):
     rows = quick[0]["sections"]["scaling"]["rows"]
     assert [r["ranks"] for r in rows] == [1, 2]
@@ -91,6 +101,8 @@ def test_scaling_rows(quick):
         assert r["tokens_per_second"] > 0 and r["steps"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_peer_rows(quick):
     rows = quick[0]["sections"]["peer"]["rows"]
     assert {r["variant"] for r in rows} == {"tcd-ds vanilla", "transformers BertForMaskedLM"}
@@ -102,6 +114,8 @@ def test_peer_rows(quick):
             assert r["head_rows"] == r["batch"] * r["seq_len"]
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_markdown_has_every_section(quick):
     result, md = quick
     assert md.startswith("# tcd-ds performance")

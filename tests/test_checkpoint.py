@@ -52,6 +52,7 @@ def _fake_run_dir(tmp_path: Path) -> Path:
     return run
 
 
+@pytest.mark.multiproc
 def test_export_refuses_a_checkpoint_that_would_run_code(tmp_path):
     run = _fake_run_dir(tmp_path)
     checkpoint.export_checkpoint(run / "checkpoints" / "step_00000001", tmp_path / "ok")  # plain data: fine
@@ -67,6 +68,7 @@ def test_export_refuses_a_checkpoint_that_would_run_code(tmp_path):
                      "checkpoint data (unpickling it could run code); only use checkpoints you wrote"], lines
 
 
+@pytest.mark.slow
 def test_resume_loads_real_checkpoints_and_refuses_files_that_would_run_code(world_of_one, tmp_path):
     """A checkpoint DeepSpeed and tcd-ds wrote (ZeRO-2, DeepSpeed-MoE experts, RNG states) resumes and
     exports under weights_only loading; the same checkpoint with code planted in our RNG file or in any

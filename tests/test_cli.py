@@ -27,10 +27,12 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     return ours[0]
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("args,message", [
     # the README's example with `base` (its backend keeps every expert on every rank)
     (["--config", "base", "--world", "32", "model.moe.ep_size=8"], "model.moe.ep_size=8 needs model.moe.backend"),
-    (["--config", "tiny", "--world", "2", "trian.max_steps=3"], "unknown config key 'trian'; did you mean 'train'?"),
+    (["--config", "tiny", "--world", "2", "trian.max_steps=3"],
+     "unknown config key 'trian.max_steps'; did you mean 'train.max_steps'?"),
     (["--config", "nosuch", "--world", "2"], "recipe 'nosuch' is neither a file nor one of"),
     (["--config", "large", "--world", "12"], "model.moe.ep_size=8 does not divide --world 12"),
     (["--config", "tiny", "--world", "0"], "--world must be >= 1"),
@@ -41,11 +43,14 @@ def test_memory_bad_input_is_one_line(args, message):
     assert message in error_line(run("tcd_ds.memory", *args))
 
 
+@pytest.mark.multiproc
 def test_memory_readme_example_still_prints_the_plan():
     proc = run("tcd_ds.memory", "--config", "large", "--world", "32", "model.moe.ep_size=8")
     assert proc.returncode == 0 and proc.stdout.startswith("memory plan per rank (GiB):"), proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 @pytest.mark.parametrize("args,message", [
     (["--threads", "x"], "argument --threads: invalid int value: 'x'"),
     (["--threads", "0"], "--threads must be >= 1"),
@@ -57,11 +62,15 @@ def test_bench_bad_input_is_one_line(args, message):
     assert message in error_line(run("tcd_ds.bench", "--quick", "--only", "relation", *args))
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_finetune_argument_errors_are_one_line():
     line = error_line(run("tcd_ds.finetune", "--model", "m", "--task", "MRPC", "--glue-dir", "g", "--epochs", "0"))
     assert "argument --epochs: 0 must be >= 1" in line
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 @pytest.mark.parametrize("module,shown", [
     ("tcd_ds.memory", ["ZeRO stage (default: 2)", "training dtype (default: bf16)"]),
     ("tcd_ds.finetune", ["(default: 3)", "examples per step (default: 32)", "(default: 128)",
@@ -90,6 +99,8 @@ def test_defaults_formatter_leaves_what_has_no_default():
     assert "already says (default 1) " in text + " " and "(default 1) (default" not in text
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 @pytest.mark.parametrize("module, argv, message", [
     ("tcd_ds.train", ["--config", "tiny"], "error: the following arguments are required: --deepspeed_config"),
     ("tcd_ds.train", ["--config", "tiny", "--mode", "bogus", "--deepspeed_config", "x.json"], "error: argument --mode"),
@@ -103,3 +114,10 @@ def test_more_clis_answer_bad_input_with_one_line(module, argv, message):
                           timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), proc.stderr
+
+
+def test_one_duration_format_for_progress_lines_and_reports():
+    from tcd_ds.cli import format_duration
+
+    assert [format_duration(s) for s in (0, 59.4, 59.6, 61, 3599.4, 3600, 3723, 90061, -5)] == [
+        "0m00s", "0m59s", "1m00s", "1m01s", "59m59s", "1h00m00s", "1h02m03s", "25h01m01s", "0m00s"]

@@ -109,6 +109,27 @@ def test_hub_tokenizer_failure_is_one_clear_line(monkeypatch):
     assert "\n" not in msg and "'some-org/some-bert'" in msg and "hub is unreachable" in msg
 
 
+def test_missing_paths_and_hub_names_are_told_apart_alike_for_corpus_and_vocab(tmp_path):
+    from tcd_ds.data.corpus import is_local_source
+    from tcd_ds.data.paths import looks_like_path
+    from tcd_ds.data.tokenizer import resolve_vocab_path
+
+    for name in ("/abs/x", "./x", "../x", "~/x", ".cache/x", "a/b/c"):
+        assert looks_like_path(name)
+        with pytest.raises(FileNotFoundError, match="corpus source not found"):
+            is_local_source(name)
+        with pytest.raises(FileNotFoundError, match="tokenizer vocab file not found"):
+            resolve_vocab_path(name)
+    for name in ("bert-base-uncased", "org/name", "wikitext:wikitext-2-raw-v1"):
+        assert not looks_like_path(name, (".txt", ".raw"))
+        assert is_local_source(name) is False and resolve_vocab_path(name) is None
+    assert looks_like_path("vocab.txt", (".txt",)) and not looks_like_path("vocab.txt")
+    with pytest.raises(FileNotFoundError):
+        is_local_source("wiki.test.raw")  # a file type the corpus reads
+    with pytest.raises(FileNotFoundError):
+        resolve_vocab_path("my-vocab.txt")
+
+
 # ---------------------------------------------------------------------------------------- corpus
 def test_wikiextractor_synthetic(tmp_path):
     text = ('<doc id="1" url="u1" title="First">\nFirst\n\nBody one.\nMore one.\n</doc>\n'
@@ -347,6 +368,7 @@ def _concurrent_build(args):
                                  progress=False))
 
 
+@pytest.mark.multiproc
 def test_concurrent_ranks_build_once(tmp_path, vocab_file):
     (tmp_path / "vocab.txt").symlink_to(vocab_file)
     src = write_paragraphs(tmp_path / "c.txt", [" ".join(WORDS)] * 16)
@@ -382,6 +404,7 @@ def test_real_wikipedia_cache(shared_data, tok, tmp_path):
     assert np.array_equal(again_val.indices, val.indices)
 
 
+@pytest.mark.slow
 def test_eval_corpora_small_caches(shared_data, tok, tmp_path):
     for src in (shared_data / "wikitext-2" / "wiki.valid.tokens", shared_data / "gutenberg-novels"):
         idx = build_token_cache(src, tok, tmp_path / "cache", 128, max_sequences=50, progress=False)

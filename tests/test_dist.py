@@ -89,6 +89,8 @@ def stranger_store(port: int):
         return None
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_quick_start_runs_while_another_job_holds_29500(shared_data, cache, tiny_teacher, tmp_path):
     """The README's command shape, unchanged (no --master_port), 2 ranks, while another job's store
     listens on 29500 (the launcher's default port): the run finishes and never touches that store."""
@@ -114,6 +116,8 @@ def test_quick_start_runs_while_another_job_holds_29500(shared_data, cache, tiny
     assert "all_gather_into_tensor` is deprecated" not in out and "untested optimizer" not in out
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_a_chosen_port_that_is_taken_is_one_line(tmp_path):
     port = free_port()
     held = hold(port)

@@ -138,6 +138,8 @@ def pipeline(shared_data, tmp_path_factory):
     return root / "out", args, proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_pipeline_writes_every_table_and_plot(pipeline):
     out, _, stdout = pipeline
     text = (out / "report.md").read_text()
@@ -163,6 +165,8 @@ def test_pipeline_writes_every_table_and_plot(pipeline):
         assert {p.name for p in (out / "glue" / variant).iterdir()} == {"MRPC", "WNLI"}
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_rerun_skips_every_unit(pipeline):
     out, args, _ = pipeline
     markers = {p: p.stat().st_mtime_ns for p in out.rglob("done.json") if p.parent.name not in ex.STEPS}
@@ -176,6 +180,8 @@ def test_rerun_skips_every_unit(pipeline):
     assert seconds < 60
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_rerun_resumes_an_unfinished_training(pipeline):
     """A training cut off after its step-3 checkpoint resumes there; its fine-tuning is reused."""
     out, args, _ = pipeline
@@ -190,6 +196,8 @@ def test_rerun_resumes_an_unfinished_training(pipeline):
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_results_json_holds_models_comparisons_and_the_transfer_diagnostic(pipeline):
     out, _, _ = pipeline
     res = json.loads((out / "results.json").read_text())

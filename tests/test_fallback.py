@@ -76,6 +76,8 @@ def test_one_warning_line_per_fallback(fallback):
     assert f"{len(read_vocab(fallback['vocab']))} tokens" in vocab_line and str(fallback["vocab"]) in vocab_line
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_deterministic(fallback, tmp_path):
     corpus, vocab = fallback["defaults"]
     again = resolve_sources(corpus, vocab, str(tmp_path), None, default_corpus=corpus, default_vocab=vocab)
@@ -139,6 +141,8 @@ def test_real_defaults_warn_on_stderr(tmp_path, monkeypatch, capsys):
     assert Path(corpus).is_dir() and Path(vocab).is_file() and Path(d.cache_dir).resolve() in Path(vocab).parents
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_train_end_to_end_without_shared_data(tmp_path):
     cwd = _no_shared(tmp_path)
     run_dir = tmp_path / "run"
@@ -181,6 +185,8 @@ def test_trained_vocab_on_request(fallback, tmp_path):
         resolve_sources(corpus, "wordpiece:100", str(tmp_path / "cache"), None)
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_train_with_a_trained_vocab(fallback, tmp_path):
     """The trainer adopts the trained vocab's size and exports it with the model."""
     run_dir = tmp_path / "run"

@@ -296,7 +296,7 @@ def test_expert_loop_respects_frozen_weights():
 def test_moe_layer_equals_per_token_definition(top_k, cf):
     """Sorted dispatch + expert loop + combine == for every token, sum over its kept choices of
     gate * expert(token): the definition, computed one token at a time."""
-    from tcd_ds.model.moe import capacity, plan_dispatch
+    from tcd_ds.model.routing import capacity, plan_dispatch
 
     layer = _moe(top_k=top_k, cf=cf).train()
     x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(3))

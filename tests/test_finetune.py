@@ -110,6 +110,7 @@ def _runs(out: Path) -> list[str]:
 # ------------------------------------------------------------------------------- real GLUE data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["MRPC", "cola"])
 def test_results_structure_on_real_glue(task, models, shared_data, vocab_file, tmp_path, capsys) -> None:
     out = tmp_path / "out"
@@ -128,6 +129,8 @@ def test_results_structure_on_real_glue(task, models, shared_data, vocab_file, t
     assert name in captured.out and "glue_score" in captured.out  # the summary table
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_missing_task_dir_exits_2_with_one_line(models, vocab_file, tmp_path) -> None:
     glue_dir = write_sst2(tmp_path / "glue", 8, 8)
     cmd = [sys.executable, "-m", "tcd_ds.finetune",
@@ -210,6 +213,7 @@ def test_mnli_reports_matched_and_mismatched(models, vocab_file, tmp_path) -> No
 # ------------------------------------------------------------------ resume, determinism, learning
 
 
+@pytest.mark.slow
 def test_resume_and_determinism(models, vocab_file, tmp_path, capsys) -> None:
     glue_dir = write_sst2(tmp_path / "glue", 64, 32)
     out = tmp_path / "out"
@@ -238,6 +242,7 @@ def test_resume_and_determinism(models, vocab_file, tmp_path, capsys) -> None:
     assert len(_runs(out)) == 3
 
 
+@pytest.mark.slow
 def test_learns_an_easy_task(models, vocab_file, tmp_path) -> None:
     glue_dir = write_sst2(tmp_path / "glue")
     res = finetune.main(["--model", str(models["dense"]), "--task", "sst2", "--glue-dir", str(glue_dir),
@@ -249,6 +254,7 @@ def test_learns_an_easy_task(models, vocab_file, tmp_path) -> None:
 # ---------------------------------------------------------------------------------------- MoE
 
 
+@pytest.mark.slow
 def test_moe_finetunes_with_its_aux_loss(models, shared_data, vocab_file, tmp_path) -> None:
     out = tmp_path / "out"
     res = finetune.main(_args(models["moe"], "MRPC", shared_data / "glue", vocab_file, out,
@@ -331,6 +337,7 @@ def test_loads_transformers_bert_dirs(tmp_path) -> None:
 # ------------------------------------------------------------- progress, summary table, threads
 
 
+@pytest.mark.slow
 def test_progress_lines_with_eta_inside_epochs(models, vocab_file, tmp_path, capsys) -> None:
     glue_dir = write_sst2(tmp_path / "glue", 64, 16)
     finetune.main(_args(models["dense"], "SST-2", glue_dir, vocab_file, tmp_path / "out", "--lrs", "1e-3",

@@ -320,6 +320,7 @@ def test_load_hub_converts_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_hub("STS-B", "train")[0].label == pytest.approx(3.8)
 
 
+@pytest.mark.multiproc
 def test_load_hub_offline_is_one_clear_line(tmp_path: Path) -> None:
     pytest.importorskip("datasets")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path)}

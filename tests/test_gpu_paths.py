@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from tcd_ds.config import ConfigError, MoEConfig, build_config
-from tcd_ds.model.experts.megablocks import MegaBlocksMoE
-from tcd_ds.model.moe import Router, balance_loss
+from tcd_ds.model.experts.dropless import MegaBlocksMoE
+from tcd_ds.model.routing import Router, balance_loss
 from tcd_ds.train import load_ds_config
 
 from trainer_utils import REPO
@@ -112,6 +112,8 @@ def test_grouped_is_not_refused_on_cuda(ds_file, tmp_path):
     load_ds_config(str(tmp_path / "fp32.json"), _cfg("grouped"), CUDA)
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_trainer_refuses_megablocks_on_cpu_before_any_compute(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "tcd_ds.train", "--config", "tiny", "--mode", "moe", "--deepspeed_config",

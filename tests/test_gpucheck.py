@@ -17,6 +17,8 @@ from trainer_utils import REPO
 CPU = torch.device("cpu")
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_cpu_plan_runs_every_check_and_exits_0(tmp_path):
     out = tmp_path / "gpucheck.json"
     proc = subprocess.run([sys.executable, "-m", "tcd_ds.gpucheck", "--cpu", "--json", str(out)], cwd=REPO,

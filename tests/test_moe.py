@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from tcd_ds.config import ConfigError, ModelConfig, MoEConfig
 from tcd_ds.model.bert import BertForMaskedLM, Intermediate, ResidualOutput
-from tcd_ds.model.moe import MoELayer, build_moe, capacity
+from tcd_ds.model.moe import MoELayer, build_moe
+from tcd_ds.model.routing import capacity
 
 
 def moe_layer(hidden=8, inter=16, **moe) -> MoELayer:
@@ -94,7 +95,7 @@ def test_capacity_serves_all_first_choices_before_second_choices():
     x[:, 0] = torch.tensor([3.0, 2.0, 1.0, -1.0])
     x[:, 1:] = torch.randn(4, 7) * 0.1
     routing = layer.router(x)
-    from tcd_ds.model.moe import plan_dispatch
+    from tcd_ds.model.routing import plan_dispatch
     plan = plan_dispatch(routing, 2, 2)
     assert plan.expert.tolist() == [0, 0, 1, 1]
     assert plan.token.tolist() == [0, 1, 3, 0]

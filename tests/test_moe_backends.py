@@ -15,9 +15,9 @@ from torch import nn
 
 from tcd_ds.config import ModelConfig, MoEConfig
 from tcd_ds.gpucheck import canonical_grads
-from tcd_ds.model.experts.deepspeed import DeepSpeedMoE, ensure_expert_groups
-from tcd_ds.model.experts.megablocks import (
+from tcd_ds.model.experts.dropless import (
     UNAVAILABLE, MegaBlocksMoE, canonical_to_megablocks, megablocks_to_canonical)
+from tcd_ds.model.experts.expert_parallel import DeepSpeedMoE, ensure_expert_groups
 from tcd_ds.model.hf import load_hf_state_dict, to_hf_state_dict
 from tcd_ds.model.moe import build_moe
 from trainer_utils import free_port
@@ -261,18 +261,23 @@ def _megablocks_usable() -> bool:
     return torch.cuda.is_available()
 
 
-def test_megablocks_backend():
-    """Without megablocks or a GPU (here): one clear RuntimeError, from the class and from build_moe.
-    Where megablocks runs (a GPU node): bias-free weights give the torch backend's function."""
+@pytest.mark.skipif(_megablocks_usable(), reason="megablocks runs here: test_megablocks_backend checks it")
+def test_megablocks_backend_refused_without_gpu():
+    """Without megablocks or a GPU (here): one clear RuntimeError, from the class and from build_moe."""
     cfg = _cfg(2, backend="megablocks")
-    if not _megablocks_usable():
-        for make in (MegaBlocksMoE, build_moe):
-            with pytest.raises(RuntimeError) as err:
-                make(cfg)
-            assert str(err.value) == UNAVAILABLE
-            assert "needs the megablocks package and an NVIDIA GPU" in str(err.value)
-            assert "\n" not in str(err.value)
-        return
+    for make in (MegaBlocksMoE, build_moe):
+        with pytest.raises(RuntimeError) as err:
+            make(cfg)
+        assert str(err.value) == UNAVAILABLE
+        assert "needs the megablocks package and an NVIDIA GPU" in str(err.value)
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _megablocks_usable(), reason="needs megablocks and an NVIDIA GPU (requirements-gpu.txt)")
+def test_megablocks_backend():
+    """Where megablocks runs (a GPU node): bias-free weights give the torch backend's function."""
+    cfg = _cfg(2, backend="megablocks")
     ref, sd = _reference(cfg)
     with torch.no_grad():
         ref.experts.b1.zero_(), ref.experts.b2.zero_()
@@ -362,6 +367,8 @@ def _ep_worker(rank: int, port: int) -> None:
         ds_comm.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_deepspeed_expert_parallel_two_ranks():
     """ep_size=2 over two gloo processes: each holds half the experts, tokens cross by all-to-all, and
     outputs and gradients equal the torch reference on the full weights."""
@@ -417,6 +424,8 @@ def _init_worker(rank: int, port: int) -> None:
             td.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_expert_init_does_not_depend_on_ep_size():
     """Two ranks, ep_size 2: the experts gathered from both ranks equal those an ep_size 1 model builds for
     the same seed (not copies of the local ones), and every other weight is the same too."""

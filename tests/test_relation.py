@@ -353,6 +353,8 @@ def test_uniform_layer_map_matches_rounding_formula():
 # --------------------------------------------------------------------------- benchmark smoke test
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_bench_quick_rows_well_formed():
     from tcd_ds.bench import relation as bench
 

@@ -26,6 +26,8 @@ EP2 = ["model.moe.backend=deepspeed", "model.moe.ep_size=2", "model.moe.num_expe
        "model.moe.capacity_factor=1.0"]
 SMALL_MOE = ["model.moe.num_experts=2"]
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]  # every test runs the trainer (or finetune) in processes
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:

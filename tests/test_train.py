@@ -31,6 +31,8 @@ def read_scalars(tb_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_tcd_two_ranks_zero2_expert_parallel(shared_data, cache, tiny_teacher, tmp_path):
     run = tmp_path / "tcd"
     args = ["--config", "tiny", "--mode", "tcd", "--deepspeed_config", "ds_configs/cpu_zero2.json",
@@ -63,10 +65,12 @@ def test_tcd_two_ranks_zero2_expert_parallel(shared_data, cache, tiny_teacher, t
     assert cfg.moe.num_experts == 8 and sd["bert.encoder.layer.1.moe.experts.w1"].shape == (8, 64, 256)
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 @pytest.mark.parametrize("override,message", [
     (["model.moe.ep_size=3", "model.moe.backend=deepspeed", "model.moe.num_experts=6"],
      "model.moe.ep_size=3 does not divide the world size 1"),
-    (["trian.max_steps=3"], "unknown config key 'trian'; did you mean 'train'?"),
+    (["trian.max_steps=3"], "unknown config key 'trian.max_steps'; did you mean 'train.max_steps'?"),
     (["--mode", "tcd"], "mode=tcd needs a teacher"),
 ])
 def test_bad_input_fails_with_one_line(override, message, tmp_path):
@@ -79,6 +83,8 @@ def test_bad_input_fails_with_one_line(override, message, tmp_path):
     assert message in proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_ds_config_validation(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -94,6 +100,8 @@ def test_ds_config_validation(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_teacher_mismatch_fails_before_compute(tmp_path):
     # a narrower teacher is fine for T and I (relations are L x L); per-head A needs the head counts to match
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_position=128)
@@ -109,6 +117,8 @@ def test_teacher_mismatch_fails_before_compute(tmp_path):
         assert not (tmp_path / "run").exists()  # refused before the run dir or any data was touched
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_every_run_ends_with_one_summary_block(shared_data, cache, tiny_teacher, tmp_path):
     """Rank 0 prints where everything went (and, for TCD, the teacher it used) on stdout."""
     run = tmp_path / "tcd"

@@ -33,7 +33,7 @@ class _WorldOfOne:
     def __enter__(self):
         import torch.distributed as td
 
-        from tcd_ds.model.experts.deepspeed import ensure_expert_groups
+        from tcd_ds.model.experts.expert_parallel import ensure_expert_groups
 
         self.owned = not td.is_initialized()
         if self.owned:

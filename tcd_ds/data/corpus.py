@@ -33,6 +33,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .paths import looks_like_path
+
 TEXT_SUFFIXES: frozenset[str] = frozenset({".txt", ".raw", ".tokens"})
 WIKITEXT_SUFFIXES: frozenset[str] = frozenset({".raw", ".tokens"})
 PLAIN_TEXT_MODES: tuple[str, ...] = ("file", "paragraph")
@@ -45,22 +47,12 @@ _SNIFF_BYTES = 1 << 16
 
 
 # ----------------------------------------------------------------------------------------- sources
-def _looks_like_path(source: str) -> bool:
-    """True when a non-existing ``source`` is clearly a path (so not a hub dataset name)."""
-    return (
-        source.startswith(("/", "./", "../", "~", "."))
-        or Path(source).suffix in TEXT_SUFFIXES
-        or source.count("/") > 1
-        or os.sep != "/" and os.sep in source
-    )
-
-
 def is_local_source(source: str | os.PathLike[str]) -> bool:
     """True for an existing file/dir; raises ``FileNotFoundError`` for a missing path-like source."""
     s = os.fspath(source)
     if Path(s).expanduser().exists():
         return True
-    if _looks_like_path(s):
+    if looks_like_path(s, TEXT_SUFFIXES):
         raise FileNotFoundError(f"corpus source not found: {s}")
     return False
 

@@ -46,6 +46,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from ..config import MIN_TRAINED_VOCAB, DataConfig, trained_vocab_size
 from .corpus import is_local_source, iter_documents
 from .shards import _file_lock
 from .tokenizer import REQUIRED_SPECIAL_TOKENS, VOCAB_FILENAME, resolve_vocab_path
@@ -57,8 +58,6 @@ VOCAB_TRAIN_MAX_BYTES = 64 << 20  # of a user's own corpus (the fallback corpus 
 CORPUS_PREFIX = "fallback-corpus-"
 VOCAB_PREFIX = "fallback-vocab-"
 _FORMAT = 1  # bump when the corpus cleaning or the vocab recipe changes
-_TRAINED = re.compile(r"wordpiece:(\d+)")  # data.vocab=wordpiece:N: a vocab trained on the corpus
-MIN_TRAINED_VOCAB = 256  # the alphabet and the ## pieces alone take a few hundred ids
 _UNDERLINE = re.compile(r"[ \t]*([*=~^#+-])\1{2,}[ \t]*")  # a reST heading underline / overline
 
 
@@ -189,12 +188,6 @@ def train_wordpiece(docs: list[str], vocab_size: int = FALLBACK_VOCAB_SIZE) -> l
     return tokens
 
 
-def trained_vocab_size(vocab: str) -> int | None:
-    """``N`` for ``vocab == "wordpiece:N"`` (train a vocab of at most N tokens on the corpus), else None."""
-    m = _TRAINED.fullmatch(str(vocab).strip())
-    return int(m.group(1)) if m else None
-
-
 def is_fallback_vocab(vocab: str | os.PathLike[str]) -> bool:
     """Whether ``vocab`` is a vocab made by ``fallback_vocab`` (its size is then the model's)."""
     p = Path(os.fspath(vocab))
@@ -204,8 +197,6 @@ def is_fallback_vocab(vocab: str | os.PathLike[str]) -> bool:
 # ----------------------------------------------------------------------------------------- resolve
 def _default_missing(value: str, default: str | None, field: str) -> bool:
     if default is None:
-        from ..config import DataConfig
-
         default = getattr(DataConfig(), field)
     return value == default and not Path(value).expanduser().exists()
 

@@ -9,7 +9,8 @@ Cache layout (``build_token_cache``), all under ``cache_dir``::
                      and tokenizer fingerprints, limits and build statistics. It is written last
                      (temp file + os.replace), so its presence with a matching data size marks a
                      complete cache; a crash mid-build leaves only ``.tmp`` files and no index
-    mlm-<key>.lock   fcntl lock file: one process builds, the others wait and then reuse
+    mlm-<key>.lock   fcntl lock file: one process builds, the others wait and then reuse (skipped
+                     where the file system has no locks; the trainer's ranks wait at a barrier)
 
 ``key`` hashes (format version, source fingerprint, tokenizer fingerprint, max_seq_len, limits).
 
@@ -24,6 +25,7 @@ separator that would fall on the first slot of a chunk is dropped (the previous 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -227,16 +229,37 @@ class _Packer:
         return full_rows, last_length
 
 
+# flock on a file system without lock support (Lustre mounted without `flock`, some NFS): ENOSYS,
+# EOPNOTSUPP, ENOLCK, EINVAL
+_NO_LOCKS = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL}
+_unlocked_warned: set[str] = set()
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive ``fcntl.flock`` on ``path`` (released on exit, or by the OS if the process dies)."""
+    """Exclusive ``fcntl.flock`` on ``path`` (released on exit, or by the OS if the process dies).
+
+    Where the file system has no locks the block runs unlocked, with one note: the trainer's ranks
+    never rely on the lock (one rank builds while the others wait at a barrier, see
+    ``tcd_ds.dist.one_rank_first``), and every writer here publishes by atomic rename, so two
+    unlocked builders of the same key only duplicate work."""
     with open(path, "a+b") as f:
+        locked = False
         if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                locked = True
+            except OSError as err:
+                if err.errno not in _NO_LOCKS:
+                    raise
+                if str(path.parent) not in _unlocked_warned:
+                    _unlocked_warned.add(str(path.parent))
+                    print(f"note: no file locks on the file system of {path.parent} ({os.strerror(err.errno)}); "
+                          f"building without one", file=sys.stderr, flush=True)
         try:
             yield
         finally:
-            if fcntl is not None:
+            if locked:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
@@ -276,7 +299,8 @@ def build_token_cache(
     """Tokenise and pack ``source`` once into a memory-mapped cache; return the index path.
 
     A complete cache with the same key is reused without reading the corpus. Several processes
-    (ranks) may call this at once: one builds under a file lock, the others wait and reuse.
+    (ranks) may call this at once: one builds under a file lock, the others wait and reuse (the
+    trainer does not rely on the lock: its ranks call this through ``tcd_ds.dist.one_rank_first``).
     ``max_documents``/``max_bytes`` limit the documents read (see ``iter_documents``),
     ``max_sequences`` stops after that many full sequences (no partial one then) - for quick
     tests and small eval sets. Raises ``ValueError`` if the corpus cannot fill one sequence.

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .paths import looks_like_path
+
 REQUIRED_SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 VOCAB_FILENAME = "vocab.txt"
 
@@ -35,11 +37,6 @@ class SpecialIds:
     def all(self) -> tuple[int, ...]:
         """Every special id (never masked, never drawn as a random replacement), sorted."""
         return tuple(sorted({self.pad, self.cls, self.sep, self.mask, self.unk}))
-
-
-def _looks_like_path(name: str) -> bool:
-    """True when ``name`` is clearly meant as a filesystem path rather than a hub id."""
-    return name.startswith(("/", "./", "../", "~")) or name.endswith(".txt") or name.count("/") > 1
 
 
 def read_vocab(path: str | os.PathLike[str]) -> dict[str, int]:
@@ -83,7 +80,7 @@ def resolve_vocab_path(name_or_path: str) -> Path | None:
         return vocab
     if p.is_file():
         return p
-    if _looks_like_path(name_or_path):
+    if looks_like_path(name_or_path, (".txt",)):
         raise FileNotFoundError(f"tokenizer vocab file not found: {p}")
     return None
 

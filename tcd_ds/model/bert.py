@@ -1,4 +1,4 @@
-"""A compact post-LN BERT encoder whose FFNs can be mixtures of experts.
+"""A compact BERT encoder (post-LN as BERT, or pre-LN) whose FFNs can be mixtures of experts.
 
 Module names follow Hugging Face's `BertForMaskedLM` (`bert.encoder.layer.3.attention.self.query`,
 ...), so a dense model's state dict *is* a Hugging Face state dict, and every TCD tap position is the
@@ -9,6 +9,11 @@ output of exactly one module:
   in an MoE layer), both *before* dropout and the residual add;
 - A (attention): `attention.self.query/key/value`, taken before `scaled_dot_product_attention`, so
   tapping never forces an unfused attention kernel.
+
+With `layer_norm="pre"` the same modules compute a pre-LN layer: `attention.output.LayerNorm`
+normalises the attention's input and `output.LayerNorm` the FFN's, the residual stream is not
+normalised, and `bert.encoder.final_norm` normalises the last layer's output. Such a model is not a
+Hugging Face `BertModel` (which is post-LN), though its state dict has the same names plus that one.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tcd_ds.config import ModelConfig
-from tcd_ds.model.moe import MoEStats, build_moe
+from tcd_ds.model.moe import build_moe
+from tcd_ds.model.routing import MoEStats
 
 
 class Embeddings(nn.Module):
@@ -65,17 +71,25 @@ class SelfAttention(nn.Module):
 
 
 class ResidualOutput(nn.Module):
-    """Optional projection (`dense`, the I tap), dropout, residual add, post-LayerNorm."""
+    """Optional projection (`dense`, the I tap), dropout, residual add, then (post-LN) LayerNorm.
+    In a pre-LN layer `LayerNorm` is the sublayer's input norm instead (`normed_input`)."""
 
     def __init__(self, cfg: ModelConfig, in_features: int | None):
         super().__init__()
         self.dense = nn.Linear(in_features, cfg.hidden_size) if in_features else None
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.pre_norm = cfg.layer_norm == "pre"
+
+    def normed_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the sublayer reads: x itself (post-LN) or LayerNorm(x) (pre-LN)."""
+        return self.LayerNorm(x) if self.pre_norm else x
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:
             x = self.dense(x)
+        if self.pre_norm:
+            return residual + self.dropout(x)
         return self.LayerNorm(self.dropout(x) + residual)
 
 
@@ -86,7 +100,7 @@ class Attention(nn.Module):
         self.output = ResidualOutput(cfg, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(x, attn_mask), x)
+        return self.output(self.self(self.output.normed_input(x), attn_mask), x)
 
 
 class Intermediate(nn.Module):
@@ -117,10 +131,11 @@ class Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, MoEStats | None]:
         h = self.attention(x, attn_mask)
+        f = self.output.normed_input(h)
         if self.is_moe:
-            y, stats = self.moe(h)
+            y, stats = self.moe(f)
             return self.output(y, h), stats
-        return self.output(self.intermediate(h), h), None
+        return self.output(self.intermediate(f), h), None
 
 
 class EncoderOutput(NamedTuple):
@@ -134,6 +149,8 @@ class Encoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(Layer(cfg, cfg.is_moe_layer(i)) for i in range(cfg.num_layers))
         self.checkpointing = cfg.activation_checkpointing
+        if cfg.layer_norm == "pre":
+            self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
 class BertModel(nn.Module):
@@ -165,6 +182,8 @@ class BertModel(nn.Module):
             if s is not None:
                 aux = aux + s.loss
                 stats.append(s)
+        if hasattr(self.encoder, "final_norm") and (num_layers is None or num_layers >= len(self.encoder.layer)):
+            x = self.encoder.final_norm(x)
         return EncoderOutput(x, aux, stats)
 
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tcd_ds.model.experts.torch import Experts
+from tcd_ds.model.experts.loop import Experts
 
 
 class GroupedExperts(Experts):

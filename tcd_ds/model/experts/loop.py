@@ -1,6 +1,6 @@
 """The reference expert bank: stacked expert weights and a plain loop over experts.
 
-Tokens arrive already sorted by expert (see `tcd_ds.model.moe.plan_dispatch`), so each expert
+Tokens arrive already sorted by expert (see `tcd_ds.model.routing.plan_dispatch`), so each expert
 multiplies one contiguous slice: the loop is over experts, never over tokens. The weights are the
 canonical layout every backend converts to and from:
     w1 [E, H, F], b1 [E, F], w2 [E, F, H], b2 [E, H]   (expert e: gelu(x @ w1[e] + b1[e]) @ w2[e] + b2[e])
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tcd_ds.model.moe import expert_seed, expert_weights
+from tcd_ds.model.experts.params import expert_seed, expert_weights
 
 
 class _ExpertLoop(torch.autograd.Function):

@@ -44,10 +44,11 @@ from deepspeed.utils import groups
 from torch import nn
 
 from tcd_ds.config import ConfigError, ModelConfig
-from tcd_ds.model.moe import MoEStats, balance_loss, expert_seed, expert_weights, z_loss
+from tcd_ds.model.experts.params import expert_seed, expert_weights
+from tcd_ds.model.routing import MoEStats, balance_loss, z_loss
 
 _NO_GROUPS = ("the deepspeed MoE backend needs torch.distributed and DeepSpeed's expert groups: run the model "
-              "inside deepspeed.initialize(...), or call tcd_ds.model.experts.deepspeed.ensure_expert_groups"
+              "inside deepspeed.initialize(...), or call tcd_ds.model.experts.expert_parallel.ensure_expert_groups"
               "(ep_size) after torch.distributed.init_process_group(...)")
 
 
@@ -150,7 +151,7 @@ class DeepSpeedMoE(nn.Module):
 
     def reset_expert_parameters(self, std: float) -> None:
         """The gate from the global RNG (replicated), then global expert e = offset + i from its own
-        generator (`tcd_ds.model.moe.expert_weights`): the gathered experts are the same for every
+        generator (`tcd_ds.model.experts.params.expert_weights`): the gathered experts are the same for every
         ep_size, and equal to the torch backend's expert e for the same base seed."""
         nn.init.normal_(self.gate.weight, std=std)
         base, offset = expert_seed(), self.init_expert_offset()

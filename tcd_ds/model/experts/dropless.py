@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tcd_ds.config import ConfigError, ModelConfig
-from tcd_ds.model.moe import MoEStats, Routing, expert_seed, expert_weights, router_stats, tag_expert_params
+from tcd_ds.model.experts.params import expert_seed, expert_weights, tag_expert_params
+from tcd_ds.model.routing import MoEStats, Routing, router_stats
 
 UNAVAILABLE = ("the megablocks MoE backend needs the megablocks package and an NVIDIA GPU: pip install -r "
                "requirements-gpu.txt on a GPU node (megablocks 0.10.0 builds only where an NVIDIA driver "

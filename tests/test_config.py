@@ -1,0 +1,62 @@
+"""The config tree's answers to unknown keys: the nearest *full* path, from an override or a recipe."""
+from __future__ import annotations
+
+import pytest
+
+from tcd_ds.config import Config, ConfigError, apply_overrides, config_paths, from_dict, nearest_paths
+
+
+def _override_error(item: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(Config(), [item])
+    return str(err.value)
+
+
+@pytest.mark.parametrize("item, meant", [
+    ("moe.ep_size=2", "model.moe.ep_size"),  # a leading section left out (once: "did you mean 'mode'?")
+    ("ep_size=2", "model.moe.ep_size"),  # only the key
+    ("train.ep_size=2", "model.moe.ep_size"),  # the key under the wrong section
+    ("moe.ep_sise=2", "model.moe.ep_size"),  # a section left out and a typo
+    ("train.jiter=0.1", "model.moe.jitter"),
+    ("trian.max_steps=3", "train.max_steps"),  # a typo in the section
+    ("mdoel.moe.top_k=2", "model.moe.top_k"),
+    ("model.mo.top_k=2", "model.moe.top_k"),  # a typo in the middle
+    ("model.moe.num_expert=8", "model.moe.num_experts"),  # a typo in the key
+    ("lr=1e-3", "train.lr"),
+    ("modle=tcd", "mode"),
+])
+def test_unknown_override_suggests_the_nearest_full_path(item, meant):
+    path = item.split("=")[0]
+    assert _override_error(item) == f"unknown config key '{path}'; did you mean '{meant}'?"
+
+
+def test_ambiguous_keys_name_every_candidate_and_far_keys_list_the_section():
+    assert _override_error("distill.weight=1") == ("unknown config key 'distill.weight'; did you mean "
+                                                   "'distill.weight_t', 'distill.weight_i' or 'distill.weight_a'?")
+    msg = _override_error("model.moe.zzz=1")
+    assert msg.startswith("unknown config key 'model.moe.zzz'; valid keys in 'model.moe': model.moe.num_experts, ")
+    assert "did you mean" not in _override_error("model.foo=1")  # never a far-off key for a shared prefix
+    assert _override_error("foo=1").startswith("unknown config key 'foo'; valid keys: mode, seed, ")
+
+
+def test_recipe_keys_suggest_sections_for_mappings_and_values_otherwise():
+    def error(data: dict) -> str:
+        with pytest.raises(ConfigError) as err:
+            from_dict(Config, data)
+        return str(err.value)
+
+    assert error({"moe": {"ep_size": 2}}) == "unknown config key 'moe'; did you mean 'model.moe'?"
+    assert error({"trian": {"max_steps": 1}}) == "unknown config key 'trian'; did you mean 'train'?"
+    assert error({"model": {"moe": {"top": 1}}}) == \
+        "unknown config key 'model.moe.top'; did you mean 'model.moe.top_k'?"
+    assert error({"ep_size": 2}) == "unknown config key 'ep_size'; did you mean 'model.moe.ep_size'?"
+
+
+def test_config_paths_and_nearest_paths():
+    paths = config_paths()
+    assert paths["model"] and paths["model.moe"] and not paths["model.moe.ep_size"] and not paths["mode"]
+    assert set(paths) >= {"train.lr", "data.vocab", "teacher.path", "distill.weight_t"}
+    leaves = [p for p, section in paths.items() if not section]
+    assert nearest_paths("moe.ep_size", leaves) == ["model.moe.ep_size"]
+    assert nearest_paths("zzzz", leaves) == []
+    assert nearest_paths("model.moe.topk", leaves, "model.moe.") == ["model.moe.top_k"]
