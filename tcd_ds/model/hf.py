@@ -4,7 +4,14 @@ A dense tcd-ds model's state dict uses Hugging Face's `BertForMaskedLM` key name
 only about the few keys that differ: the tied decoder (`cls.predictions.decoder.*`, which HF also
 writes) and buffers. MoE layers add `bert.encoder.layer.i.moe.*` in the canonical expert layout
 (router.weight [E, H], experts.w1 [E, H, F], b1 [E, F], w2 [E, F, H], b2 [E, H]) and config.json
-gets a `tcd_moe` section; such a directory loads back here (transformers cannot run MoE layers).
+gets a `tcd_moe` section; such a directory loads back here.
+
+Hugging Face's `BertForMaskedLM` runs a dense post-LN export as is (config.json says `model_type:
+bert`). An export it cannot run (MoE layers, or a pre-LN encoder) is a `transformers` custom-code
+model instead: `model_type: tcd_moe_bert`, an `auto_map` in config.json, and `tcd_ds/model/hf_remote.py`
+(self-contained: torch and transformers only) copied beside the weights as `modeling_tcd_moe_bert.py`,
+so `AutoModelForMaskedLM.from_pretrained(dir, trust_remote_code=True)` (and `AutoModel`,
+`AutoModelForSequenceClassification`) load the same weights, anywhere, offline.
 """
 from __future__ import annotations
 
@@ -18,6 +25,13 @@ from torch import nn
 from tcd_ds.config import ModelConfig, MoEConfig
 
 SAFETENSORS, TORCH_BIN = "model.safetensors", "pytorch_model.bin"
+REMOTE_MODEL_TYPE = "tcd_moe_bert"  # config.json's model_type of an export that needs our modeling file
+REMOTE_CODE_FILE = "modeling_tcd_moe_bert.py"  # the copy of hf_remote.py beside the weights
+_REMOTE_CODE_SOURCE = Path(__file__).with_name("hf_remote.py")
+_AUTO_MAP = {auto: f"{REMOTE_CODE_FILE[:-3]}.{cls}" for auto, cls in (
+    ("AutoConfig", "TcdMoeBertConfig"), ("AutoModel", "TcdMoeBertModel"),
+    ("AutoModelForMaskedLM", "TcdMoeBertForMaskedLM"),
+    ("AutoModelForSequenceClassification", "TcdMoeBertForSequenceClassification"))}
 _HF_TO_OURS = {
     "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
     "num_attention_heads": "num_heads", "intermediate_size": "intermediate_size",
@@ -41,13 +55,20 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise CheckpointError("only absolute position embeddings are supported")
     kwargs = {ours: hf[theirs] for theirs, ours in _HF_TO_OURS.items() if hf.get(theirs) is not None}
     moe = MoEConfig(**hf["tcd_moe"]) if hf.get("tcd_moe") else MoEConfig()
-    cfg = ModelConfig(**kwargs, moe=moe)
+    cfg = ModelConfig(**kwargs, moe=moe, layer_norm=hf.get("tcd_layer_norm", "post"))
     cfg.validate()
     return cfg
 
 
+def needs_remote_code(cfg: ModelConfig) -> bool:
+    """Whether Hugging Face's BERT cannot run this model (MoE layers or pre-LN): its export then carries
+    our modeling file."""
+    return bool(cfg.moe.num_experts) or cfg.layer_norm != "post"
+
+
 def config_to_hf(cfg: ModelConfig) -> dict:
-    """A config.json that `transformers.BertConfig` reads (the MoE part rides along as `tcd_moe`)."""
+    """A config.json that `transformers.BertConfig` reads (the MoE part rides along as `tcd_moe`);
+    for a model that BERT cannot run, `model_type` names our custom-code model instead."""
     out = {theirs: getattr(cfg, ours) for theirs, ours in _HF_TO_OURS.items()}
     out.update(model_type="bert", architectures=["BertForMaskedLM"], hidden_act="gelu",
                position_embedding_type="absolute")
@@ -56,6 +77,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         moe["backend"], moe["ep_size"] = "torch", 1  # an export is backend-neutral
         out["tcd_moe"] = moe
         out["architectures"] = ["TcdMoeBertForMaskedLM"]
+    if cfg.layer_norm != "post":  # not a Hugging Face BERT (post-LN): our loader or modeling file runs it
+        out["tcd_layer_norm"] = cfg.layer_norm
+    if needs_remote_code(cfg):
+        out.update(model_type=REMOTE_MODEL_TYPE, architectures=["TcdMoeBertForMaskedLM"])
     return out
 
 
@@ -107,14 +132,23 @@ def load_hf_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], strict: bo
 
 
 def save_pretrained(model: nn.Module, cfg: ModelConfig, directory: str | Path) -> Path:
-    """Write config.json + model.safetensors (Hugging Face layout)."""
-    from tcd_ds.atomic import save_safetensors_atomic
+    """Write config.json + model.safetensors (Hugging Face layout), and for a model Hugging Face's BERT
+    cannot run, our modeling file with config.json's `auto_map` pointing at it (`trust_remote_code`).
+    Every file is written atomically with the user's file mode; config.json comes last."""
+    from tcd_ds.atomic import save_safetensors_atomic, write_atomic, write_json_atomic
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu().clone() for k, v in to_hf_state_dict(model).items()}
     save_safetensors_atomic(sd, directory / SAFETENSORS, metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+    hf = config_to_hf(cfg)
+    if needs_remote_code(cfg):
+        code = _REMOTE_CODE_SOURCE.read_bytes()
+        write_atomic(directory / REMOTE_CODE_FILE, lambda tmp: tmp.write_bytes(code))
+        hf["auto_map"] = dict(_AUTO_MAP)
+    else:  # a plain BERT export: no stale modeling file from an earlier MoE export in the same place
+        (directory / REMOTE_CODE_FILE).unlink(missing_ok=True)
+    write_json_atomic(directory / "config.json", hf)
     return directory
 
 
@@ -128,7 +162,7 @@ def read_pretrained(directory: str | Path) -> tuple[ModelConfig, dict[str, torch
         hf = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {err}") from None
-    if hf.get("model_type", "bert") != "bert":
+    if hf.get("model_type", "bert") not in ("bert", REMOTE_MODEL_TYPE):
         raise CheckpointError(f"{cfg_file} describes a {hf.get('model_type')!r} model, not BERT")
     cfg = config_from_hf(hf)
     try:
