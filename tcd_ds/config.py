@@ -84,6 +84,10 @@ class ModelConfig:
     # "post": BERT's post-LN layer (the paper's); "pre": pre-LN (the sublayer's input normalised, the
     # residual stream left alone, one final LayerNorm), a documented deviation for short budgets
     layer_norm: str = "post"
+    # "absolute": BERT's learned position embeddings; "rotary": RoFormer's rotary positions on Q and K
+    # (no position embeddings), a documented deviation: at hidden 128 on a CPU budget the absolute
+    # model stays on the bag-of-words plateau (docs/results/small/tuning.md)
+    position_encoding: str = "absolute"
     pad_token_id: int = 0
     activation_checkpointing: bool = False  # non-reentrant, per layer
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -94,10 +98,15 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.position_init not in ("normal", "sinusoidal"):
             raise ConfigError(f"model.position_init must be normal or sinusoidal, got {self.position_init!r}")
+        if self.position_encoding not in ("absolute", "rotary"):
+            raise ConfigError(f"model.position_encoding must be absolute or rotary, got {self.position_encoding!r}")
         if self.layer_norm not in ("post", "pre"):
             raise ConfigError(f"model.layer_norm must be post or pre, got {self.layer_norm!r}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
+        if self.position_encoding == "rotary" and (self.head_dim % 2 or self.position_init != "normal"):
+            raise ConfigError("model.position_encoding=rotary needs an even head dimension (hidden_size / "
+                              "num_heads) and model.position_init=normal (there are no position embeddings)")
         self.moe.validate()
 
     @property

@@ -417,3 +417,31 @@ def init_distributed(layout: Layout, timeout_s: float = 600.0) -> torch.device:
                else "deepspeed --master_port <free port> (torchrun: --master_port)")
         raise port_clash(port, how) from None
     return device
+
+
+def expert_groups_across_nodes(hosts: list[str], ep_size: int) -> list[list[int]]:
+    """The expert-parallel groups whose ranks are not all on one node. DeepSpeed-MoE makes each group
+    of `ep_size` consecutive ranks one expert-parallel group (ranks 0..ep-1, ep..2ep-1, ...), whose
+    all-to-all should stay inside a node (NVLink); `hosts[r]` is rank r's host name."""
+    if ep_size < 1 or len(hosts) % ep_size:
+        raise ValueError(f"ep_size={ep_size} does not divide the world size {len(hosts)}")
+    groups = [list(range(start, start + ep_size)) for start in range(0, len(hosts), ep_size)]
+    return [g for g in groups if len({hosts[r] for r in g}) > 1]
+
+
+def check_expert_groups_local(ep_size: int) -> str | None:
+    """Gathers every rank's host name (a collective: call it on all ranks) and returns one warning
+    line when an expert-parallel group spans nodes (ranks placed round-robin over nodes, or
+    ep_size above the GPUs of a node), else None."""
+    if ep_size <= 1 or not torch.distributed.is_initialized():
+        return None
+    hosts: list[str] = [""] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(hosts, socket.gethostname())
+    spanning = expert_groups_across_nodes(hosts, ep_size)
+    if not spanning:
+        return None
+    g = spanning[0]
+    return (f"warning: {len(spanning)} expert-parallel group(s) of model.moe.ep_size={ep_size} span nodes "
+            f"(e.g. ranks {g[0]}-{g[-1]} on {', '.join(sorted({hosts[r] for r in g}))}): their all-to-all "
+            "crosses the network; place consecutive ranks on one node (srun --distribution=block) and keep "
+            "ep_size <= GPUs per node")

@@ -29,7 +29,8 @@ GIB = 1024 ** 3
 def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
     """(non-expert parameters, expert parameters over all experts)."""
     h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    embeddings = (v + cfg.max_position + cfg.type_vocab_size) * h + 2 * h
+    positions = cfg.max_position if cfg.position_encoding == "absolute" else 0  # rotary: no table
+    embeddings = (v + positions + cfg.type_vocab_size) * h + 2 * h
     attention = 4 * h * h + 4 * h + 2 * h
     ffn = 2 * h * f + f + h
     head = h * h + h + 2 * h + v

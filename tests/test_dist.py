@@ -151,3 +151,16 @@ def test_first_launch_announces_the_comm_op_compile(tmp_path, monkeypatch, capsy
     assert dist.comm_op_build_dir() is None
     dist.announce_comm_op_build(layout)
     assert capsys.readouterr().err == ""
+
+
+def test_expert_groups_that_span_nodes_are_found():
+    from tcd_ds.dist import expert_groups_across_nodes
+
+    block = ["n1"] * 4 + ["n2"] * 4  # srun's default block distribution: consecutive ranks per node
+    assert expert_groups_across_nodes(block, 4) == []
+    assert expert_groups_across_nodes(block, 8) == [list(range(8))]  # ep_size above a node's ranks
+    cyclic = ["n1", "n2"] * 4  # --distribution=cyclic: every group crosses the network
+    assert expert_groups_across_nodes(cyclic, 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert expert_groups_across_nodes(cyclic, 1) == []
+    with pytest.raises(ValueError):
+        expert_groups_across_nodes(block, 3)

@@ -32,6 +32,8 @@ CONFIGS = {
                                                  min_capacity=1, z_loss_weight=0.001)),
     # a pre-LN MoE student (final_norm, input LayerNorms)
     "pre-ln-moe": dict(moe=MoEConfig(num_experts=3, top_k=2, normalize_top_k=False), layer_norm="pre"),
+    # rotary positions (no position embeddings): padding in the batch, so the rotation's positions show
+    "rotary-moe": dict(moe=MoEConfig(num_experts=4, top_k=1), position_encoding="rotary"),
 }
 
 

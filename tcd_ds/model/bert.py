@@ -8,7 +8,7 @@ output of exactly one module:
 - I (residual inner): `attention.output.dense` and the FFN's last module (`output.dense`, or `moe`
   in an MoE layer), both *before* dropout and the residual add;
 - A (attention): `attention.self.query/key/value`, taken before `scaled_dot_product_attention`, so
-  tapping never forces an unfused attention kernel.
+  tapping never forces an unfused attention kernel (with rotary positions: before the rotation).
 
 With `layer_norm="pre"` the same modules compute a pre-LN layer: `attention.output.LayerNorm`
 normalises the attention's input and `output.LayerNorm` the FFN's, the residual stream is not
@@ -33,19 +33,32 @@ class Embeddings(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
-        self.position_embeddings = nn.Embedding(cfg.max_position, cfg.hidden_size)
+        if cfg.position_encoding == "absolute":  # rotary positions live in the attention instead
+            self.position_embeddings = nn.Embedding(cfg.max_position, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        x = self.word_embeddings(input_ids)
+        if hasattr(self, "position_embeddings"):
+            x = x + self.position_embeddings(torch.arange(input_ids.shape[1], device=input_ids.device))
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]
         else:
             x = x + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(x))
+
+
+def rotate_positions(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """RoFormer's rotary position embedding of [B, heads, S, d]: feature pair (2i, 2i+1) of position
+    p turned by the angle p * base^(-2i/d), so q.k depends on the positions only through p_q - p_k."""
+    d, s = x.shape[-1], x.shape[-2]
+    inv_freq = base ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
+    angle = torch.arange(s, dtype=torch.float64, device=x.device)[:, None] * inv_freq  # [S, d/2]
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
 
 class SelfAttention(nn.Module):
@@ -58,6 +71,7 @@ class SelfAttention(nn.Module):
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout_p = cfg.attention_dropout
+        self.rotary = cfg.position_encoding == "rotary"
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, heads*dim] -> [B, heads, S, dim] (a view)."""
@@ -65,6 +79,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         q, k, v = (self.split_heads(proj(x)) for proj in (self.query, self.key, self.value))
+        if self.rotary:  # the A taps (query/key outputs) see the vectors before the rotation
+            q, k = rotate_positions(q), rotate_positions(k)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                              dropout_p=self.dropout_p if self.training else 0.0)
         return ctx.transpose(1, 2).flatten(2)
@@ -309,7 +325,7 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
             visit(child)
 
     visit(model)
-    if getattr(cfg, "position_init", "normal") == "sinusoidal":
+    if cfg.position_init == "sinusoidal":
         for module in model.modules():
             if isinstance(module, Embeddings):
                 weight = module.position_embeddings.weight

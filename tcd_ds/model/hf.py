@@ -51,19 +51,20 @@ def config_from_hf(hf: dict) -> ModelConfig:
     act = hf.get("hidden_act", "gelu")
     if act not in ("gelu", "gelu_python"):
         raise CheckpointError(f"hidden_act={act!r} is not supported (tcd-ds BERT uses exact gelu)")
-    if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise CheckpointError("only absolute position embeddings are supported")
+    positions = hf.get("position_embedding_type", "absolute")
+    if positions not in ("absolute", "rotary"):
+        raise CheckpointError(f"position_embedding_type={positions!r} is not supported (absolute or rotary)")
     kwargs = {ours: hf[theirs] for theirs, ours in _HF_TO_OURS.items() if hf.get(theirs) is not None}
     moe = MoEConfig(**hf["tcd_moe"]) if hf.get("tcd_moe") else MoEConfig()
-    cfg = ModelConfig(**kwargs, moe=moe, layer_norm=hf.get("tcd_layer_norm", "post"))
+    cfg = ModelConfig(**kwargs, moe=moe, layer_norm=hf.get("tcd_layer_norm", "post"), position_encoding=positions)
     cfg.validate()
     return cfg
 
 
 def needs_remote_code(cfg: ModelConfig) -> bool:
-    """Whether Hugging Face's BERT cannot run this model (MoE layers or pre-LN): its export then carries
-    our modeling file."""
-    return bool(cfg.moe.num_experts) or cfg.layer_norm != "post"
+    """Whether Hugging Face's BERT cannot run this model (MoE layers, pre-LN or rotary positions): its
+    export then carries our modeling file."""
+    return bool(cfg.moe.num_experts) or cfg.layer_norm != "post" or cfg.position_encoding != "absolute"
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -71,7 +72,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     for a model that BERT cannot run, `model_type` names our custom-code model instead."""
     out = {theirs: getattr(cfg, ours) for theirs, ours in _HF_TO_OURS.items()}
     out.update(model_type="bert", architectures=["BertForMaskedLM"], hidden_act="gelu",
-               position_embedding_type="absolute")
+               position_embedding_type=cfg.position_encoding)
     if cfg.moe.num_experts:
         moe = dataclasses.asdict(cfg.moe)
         moe["backend"], moe["ep_size"] = "torch", 1  # an export is backend-neutral

@@ -61,8 +61,8 @@ class TcdMoeBertConfig(PretrainedConfig):
                  classifier_dropout=None, tcd_moe=None, tcd_layer_norm="post", tie_word_embeddings=True, **kwargs):
         if hidden_act not in ("gelu", "gelu_python"):
             raise ValueError(f"hidden_act={hidden_act!r} is not supported (tcd-ds BERT uses exact gelu)")
-        if position_embedding_type != "absolute":
-            raise ValueError("only absolute position embeddings are supported")
+        if position_embedding_type not in ("absolute", "rotary"):
+            raise ValueError(f"position_embedding_type must be 'absolute' or 'rotary', got {position_embedding_type!r}")
         if tcd_layer_norm not in ("post", "pre"):
             raise ValueError(f"tcd_layer_norm must be 'post' or 'pre', got {tcd_layer_norm!r}")
         moe = dict(tcd_moe or {})
@@ -125,20 +125,33 @@ class TcdMoeSequenceClassifierOutput(SequenceClassifierOutput):
 
 # --- modules (names as tcd-ds' and Hugging Face BERT's) --------------------------------------------
 
+def rotate_positions(x, base=10000.0):
+    """RoFormer's rotary position embedding of [B, heads, S, d]: feature pair (2i, 2i+1) of position
+    p turned by the angle p * base^(-2i/d)."""
+    d, s = x.shape[-1], x.shape[-2]
+    inv_freq = base ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
+    angle = torch.arange(s, dtype=torch.float64, device=x.device)[:, None] * inv_freq
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+
 class TcdMoeBertEmbeddings(nn.Module):
     def __init__(self, config: TcdMoeBertConfig):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        if config.position_embedding_type == "absolute":  # rotary positions live in the attention
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        if position_ids is None:
-            position_ids = torch.arange(x.shape[1], device=x.device)
-        x = x + self.position_embeddings(position_ids)
+        if hasattr(self, "position_embeddings"):
+            if position_ids is None:
+                position_ids = torch.arange(x.shape[1], device=x.device)
+            x = x + self.position_embeddings(position_ids)
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]
         else:
@@ -158,10 +171,13 @@ class TcdMoeBertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
+        self.rotary = config.position_embedding_type == "rotary"
 
     def forward(self, x, attn_mask):
         q, k, v = (proj(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
                    for proj in (self.query, self.key, self.value))
+        if self.rotary:
+            q, k = rotate_positions(q), rotate_positions(k)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                              dropout_p=self.dropout_p if self.training else 0.0)
         return ctx.transpose(1, 2).flatten(2)
