@@ -21,8 +21,29 @@ class ConfigError(ValueError):
     """A bad configuration value: the message is one line meant for the user."""
 
 
+class Section:
+    """Base of the config dataclasses: `freeze(tree)` makes a tree read-only (the resolved config of
+    a run, see `tcd_ds.train.resolve_run`: every builder reads it, none may change it)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            raise AttributeError(f"{type(self).__name__}.{name}: the resolved run config is read-only "
+                                 "(change it through the recipe or a key=value override)")
+        object.__setattr__(self, name, value)
+
+
+def freeze(cfg: Any) -> Any:
+    """Make the dataclass tree `cfg` read-only, in place; returns it."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            freeze(value)
+    object.__setattr__(cfg, "_frozen", True)
+    return cfg
+
+
 @dataclass
-class MoEConfig:
+class MoEConfig(Section):
     """Mixture-of-experts FFN. `num_experts == 0` means a dense (vanilla) FFN everywhere."""
 
     num_experts: int = 0
@@ -63,7 +84,7 @@ class MoEConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """A BERT encoder; the names follow Hugging Face `BertConfig` where they map one to one."""
 
     vocab_size: int = 30522
@@ -119,7 +140,7 @@ class ModelConfig:
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(Section):
     """Relation alignment (TCD): which positions, their weights and the loss form."""
 
     positions: str = "TIA"  # any subset of T (trunk), I (residual inner), A (attention Q/K/V)
@@ -155,7 +176,7 @@ class DistillConfig:
 
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(Section):
     """The frozen vanilla teacher: a Hugging Face BERT dir or a tcd-ds export dir."""
 
     path: str = ""
@@ -178,7 +199,7 @@ def trained_vocab_size(vocab: str) -> int | None:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Pre-training corpus, tokenizer, packing and the held-out evaluation sets."""
 
     corpus: str = "../shared/data/wikipedia-en-2015"  # WikiExtractor dir, text files, or a hub name
@@ -187,6 +208,8 @@ class DataConfig:
     max_documents: int = 0  # 0: the whole corpus
     val_fraction: float = 0.01  # held out from the corpus, by sequence index
     mlm_probability: float = 0.15
+    # masking of every held-out evaluation: fixed, so runs trained with other masking rates compare
+    eval_mlm_probability: float = 0.15
     cache_dir: str = ".cache/tcd_ds"  # pre-tokenised shards, keyed by a hash of inputs + tokenizer
     # name=path pairs, comma-separated: held-out text from elsewhere and an out-of-distribution domain
     eval_corpora: str = ("wikitext2=../shared/data/wikitext-2/wiki.test.raw,"
@@ -200,6 +223,8 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.mlm_probability < 1:
             raise ConfigError(f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        if not 0 < self.eval_mlm_probability < 1:
+            raise ConfigError(f"data.eval_mlm_probability must be in (0, 1), got {self.eval_mlm_probability}")
         if self.vocab.startswith("wordpiece:"):
             size = trained_vocab_size(self.vocab)
             if size is None or size < MIN_TRAINED_VOCAB:
@@ -217,7 +242,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """Optimisation, schedule and the run's cadence. Batch size, accumulation and clipping are
     written into the DeepSpeed config (whose JSON may say "auto" for them)."""
 
@@ -253,7 +278,7 @@ class TrainConfig:
 
 
 @dataclass
-class Config:
+class Config(Section):
     """The root of the tree."""
 
     mode: str = "tcd"  # vanilla | moe | tcd
@@ -420,6 +445,20 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                     raise ConfigError(f"config key '{prefix}{part}' is a value, not a section")
                 cls, node = types[part], node[part]
     return from_dict(Config, data).validate()
+
+
+def with_values(cfg: Any, values: dict[str, Any], root: type | None = None) -> Any:
+    """A new (unfrozen) tree: `cfg` with the dotted paths of `values` set to typed values, e.g.
+    `{"data.corpus": path, "model.vocab_size": 8192}`, built (and checked) like a recipe."""
+    data = to_dict(cfg)
+    for path, value in values.items():
+        *parents, key = path.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node[key] = value
+    out = from_dict(root or type(cfg), data)
+    return out.validate() if isinstance(out, Config) else out
 
 
 def load_recipe(name_or_path: str) -> Config:

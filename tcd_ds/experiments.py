@@ -715,7 +715,7 @@ def random_init_model(p: Pipeline) -> None:
     from tcd_ds.dist import detect_layout
     from tcd_ds.model.bert import BertForMaskedLM
     from tcd_ds.model.hf import config_from_hf, save_pretrained
-    from tcd_ds.train import build_data, evaluate
+    from tcd_ds.train import build_data, evaluate, resolve_data
 
     teacher = run_dirs(p.out, p.rc)["teacher"] / "export"
     if not (teacher / "config.json").is_file():
@@ -731,7 +731,7 @@ def random_init_model(p: Pipeline) -> None:
         save_pretrained(model, model_cfg, unit_dir / "export")
         _copy_vocab(teacher.parent, unit_dir / "export")
         layout = detect_layout()
-        data = build_data(cfg, layout)
+        data = build_data(resolve_data(cfg, layout), layout)  # the corpus and vocab the teacher used
         device = torch.device("cpu")
         evals = {"val": evaluate(_Plain(model), data, data.val, cfg, layout, device)}
         for name, dataset in data.evals.items():

@@ -19,8 +19,10 @@ An MoE export fine-tunes with its experts and its router loss: the training loss
 plus the model's aux loss (`--aux-loss-weight` overrides the load-balancing weight; default: the
 model's own). Backend `torch` by default, `--moe-backend grouped` for the grouped-matmul experts.
 
-Training: AdamW (betas 0.9/0.999, eps 1e-8, weight decay on all but biases and LayerNorm weights),
-linear warm-up over `--warmup-ratio` of the steps then linear decay to 0, gradient clipping at
+Training: AdamW (betas 0.9/0.999, eps 1e-8), weight decay by pre-training's rule (`optim.param_groups`:
+on every weight matrix, not on biases, experts' stacked biases and LayerNorm weights), pre-training's
+schedule (`optim.warmup_decay`): linear warm-up over `--warmup-ratio` of the steps then linear
+decay to 0, gradient clipping at
 `--max-grad-norm`, dropout as in the model's config, fp32. Each run is seeded: `torch.manual_seed`
 before the heads are initialised (and for dropout), plus a separate seeded generator for the
 shuffling, so a seed gives the same numbers again on the same machine and thread count (CPU; CUDA
@@ -103,6 +105,7 @@ from tcd_ds.cli import format_duration
 from tcd_ds.config import ConfigError, ModelConfig
 from tcd_ds.data import glue
 from tcd_ds.data.glue import Example, GlueDataError, TaskSpec
+from tcd_ds.optim import param_groups, warmup_decay
 from tcd_ds.data.tokenizer import VOCAB_FILENAME, load_tokenizer, special_ids
 from tcd_ds.model.bert import BertForSequenceClassification
 from tcd_ds.model.hf import CheckpointError, load_hf_state_dict, read_pretrained
@@ -334,24 +337,6 @@ def evaluate(model: nn.Module, spec: TaskSpec, eval_sets: dict[str, list[dict[st
     return next(iter(per_split.values()))
 
 
-def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
-
-
-def _linear_schedule(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)  # never exactly 0, so the first step moves the weights
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
 def _fmt_metrics(metrics: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
@@ -393,8 +378,9 @@ def train_one(model: nn.Module, spec: TaskSpec, train: list[dict[str, Any]],
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total = steps_per_epoch * epochs
     warmup = math.ceil(warmup_ratio * total)
-    opt = _optimizer(model, lr, weight_decay)
-    sched = _linear_schedule(opt, warmup, total)
+    opt = torch.optim.AdamW(param_groups(model, weight_decay, split_experts=False), lr=lr, betas=(0.9, 0.999),
+                            eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_decay(warmup, total))  # linear, to 0
     history: list[dict[str, Any]] = []
     start = time.perf_counter()
     progress = Progress(tag, steps_per_epoch, epochs, progress_seconds)

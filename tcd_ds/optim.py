@@ -29,32 +29,41 @@ def no_weight_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim < 2 or leaf == "bias" or expert_bias or "LayerNorm" in name
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay / no-decay groups (`no_weight_decay`), each split into expert and non-expert parts for
-    DeepSpeed-MoE."""
-    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
-
+def param_groups(model: torch.nn.Module, weight_decay: float, split_experts: bool = True) -> list[dict]:
+    """Decay / no-decay groups (`no_weight_decay`) of the trainable parameters; with `split_experts`
+    (pre-training under DeepSpeed), each split into expert and non-expert parts for DeepSpeed-MoE.
+    Pre-training and fine-tuning (`tcd_ds.finetune`) both use them."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if no_weight_decay(name, p) else decay).append(p)
+        if p.requires_grad:
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    if any(is_moe_param(p) for p in model.parameters()):
-        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    if split_experts:
+        from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
+        if any(is_moe_param(p) for p in model.parameters()):
+            groups = split_params_into_different_moe_groups_for_optimizer(groups)
     return [g for g in groups if g["params"]]
 
 
-def lr_lambda(t: TrainConfig):
-    """Linear warm-up, then linear or cosine decay to `min_lr_ratio` at `max_steps`."""
+def warmup_decay(warmup_steps: int, total_steps: int, schedule: str = "linear", min_lr_ratio: float = 0.0):
+    """The LR factor of step n (0-based): linear warm-up ((n+1) / warmup_steps, never 0), then linear
+    or cosine decay to `min_lr_ratio` at `total_steps`. Pre-training (`lr_lambda`) and fine-tuning."""
 
     def fn(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-        decay = 1.0 - progress if t.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * decay
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
     return fn
+
+
+def lr_lambda(t: TrainConfig):
+    """The pre-training schedule of `t` (`warmup_decay`)."""
+    return warmup_decay(t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio)
 
 
 class GuardedLambdaLR(torch.optim.lr_scheduler.LambdaLR):
@@ -110,3 +119,9 @@ def _device_of(opt: torch.optim.Optimizer) -> torch.device:
         for p in g["params"]:
             return p.device
     return torch.device("cpu")
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> tuple[GuardedAdamW, GuardedLambdaLR]:
+    """The pre-training optimizer (AdamW over `param_groups`, skippable) and its schedule (`lr_lambda`)."""
+    optimizer = GuardedAdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    return optimizer, GuardedLambdaLR(optimizer, lr_lambda(t))

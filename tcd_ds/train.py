@@ -3,8 +3,10 @@
     deepspeed --num_accelerators 2 tcd_ds/train.py --config tiny --mode tcd \\
         --deepspeed_config ds_configs/cpu_zero2.json teacher.path=runs/teacher run_dir=runs/tcd
 
-also `python -m tcd_ds.train ...` for one process. `main()` builds everything with small
-`build_*` functions and runs one loop for the three modes:
+also `python -m tcd_ds.train ...` for one process. `main()` resolves the run once (`resolve_run`:
+recipe + overrides, DeepSpeed JSON and environment -> the frozen `Run` that run_config.json
+records), builds from it with small `build_*` functions and runs one loop (`train`: batch -> step
+-> log -> eval -> save, then `finish`) for the three modes:
 - vanilla: the dense teacher (MLM only);
 - moe: the MoE-BERT baseline (MLM + load balancing);
 - tcd: the MoE-BERT student + a frozen teacher replica on every rank + relation losses.
@@ -34,23 +36,25 @@ import torch
 import torch.distributed as dist
 
 from tcd_ds import checkpoint
-from tcd_ds.atomic import write_json_atomic
-from tcd_ds.config import Config, ConfigError, DataConfig, ModelConfig, build_config, to_dict
+from tcd_ds.atomic import read_json, write_json_atomic
+from tcd_ds.config import (Config, ConfigError, DataConfig, ModelConfig, build_config, freeze, from_dict, to_dict,
+                           with_values)
 from tcd_ds.data.corpus import is_local_source
 from tcd_ds.data.fallback import is_fallback_vocab, resolve_sources, vocab_falls_back, warn_stderr
 from tcd_ds.data.mlm import mask_tokens, mlm_generator
 from tcd_ds.data.shards import PackedDataset, SampleOrder, build_token_cache, read_index, split_train_val
 from tcd_ds.data.tokenizer import load_tokenizer, resolve_vocab_path, special_ids
-from tcd_ds.dist import Layout, detect_layout, init_distributed, one_rank_first
+from tcd_ds.dist import (Layout, check_expert_groups_local, detect_layout, device_for, init_distributed,
+                         one_rank_first)
 from tcd_ds.distill.objective import RelationObjective, check_compatible
 from tcd_ds.distill.taps import Taps, tap_points
 from tcd_ds.distill.teacher import FrozenTeacher, load_teacher, read_teacher_config, teacher_dir
-from tcd_ds.model.bert import BertForMaskedLM, flops_per_token, num_parameters
-from tcd_ds.memory import format_plan, memory_plan
-from tcd_ds.model.hf import CheckpointError, config_to_hf
 from tcd_ds.hardware import bf16_warning
+from tcd_ds.memory import format_plan, memory_plan
+from tcd_ds.model.bert import BertForMaskedLM, flops_per_token, num_parameters
+from tcd_ds.model.hf import CheckpointError, config_to_hf
 from tcd_ds.monitor import MetricsLog, Monitor, measure_matmul_peak, quiet_known_warnings, run_summary_block
-from tcd_ds.optim import GuardedAdamW, GuardedLambdaLR, lr_lambda, param_groups
+from tcd_ds.optim import GuardedAdamW, GuardedLambdaLR, build_optimizer
 
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, OSError)
 REQUEUE_EXIT = 85  # exit status after a SIGTERM/SIGUSR1 save: "requeue me" (slurm.conf RequeueExit=85)
@@ -131,7 +135,146 @@ def check_parallel(cfg: Config, layout: Layout) -> None:
         raise ConfigError(f"model.moe.ep_size={ep} does not divide the world size {layout.world_size}")
 
 
-# --- builders -----------------------------------------------------------------------------
+# --- the run, resolved once -----------------------------------------------------------------
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+RESUME_PINNED = ("data.corpus", "data.vocab", "model.vocab_size")  # a resumed run must use the same
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything one run uses, resolved once (`resolve_run`) and then only read: the config as used
+    (frozen; data.corpus and data.vocab after the fallback and `wordpiece:N` resolution, and
+    model.vocab_size of that vocab), the DeepSpeed config with its "auto" values filled, where the
+    run's rank runs (layout, device, dtype), the teacher's architecture and the checkpoint the run
+    resumes from. `run_config.json` records it (`record()`)."""
+
+    cfg: Config
+    ds_config: dict
+    layout: Layout
+    device: torch.device
+    dtype: str  # bf16 | fp16 | fp32: the DeepSpeed config's precision
+    teacher: ModelConfig | None  # mode tcd: the teacher's architecture (read from teacher.path)
+    teacher_dir: Path | None
+    resume_tag: str | None  # the checkpoint tag resumed from; None: from step 0
+    resume_skipped: tuple[str, ...] = ()  # incomplete checkpoints passed over, with the reason
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.cfg.student_model()
+
+    def record(self) -> dict:
+        """run_config.json: the config tree as used, plus `run`, what the environment decided."""
+        return {**to_dict(self.cfg), "run": {
+            "world_size": self.layout.world_size, "launcher": self.layout.launcher, "device": self.device.type,
+            "dtype": self.dtype, "ds_config": self.ds_config, "resume_from": self.resume_tag,
+            "teacher_dir": str(self.teacher_dir) if self.teacher_dir else None,
+            "teacher": to_dict(self.teacher) if self.teacher else None}}
+
+
+def ds_dtype(ds_config: dict) -> str:
+    return "bf16" if ds_config.get("bf16", {}).get("enabled") else (
+        "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32")
+
+
+def check_data_inputs(cfg: Config) -> None:
+    """Missing or malformed explicit data inputs: one line, before any compute (a missing *default*
+    path falls back to bundled text instead, see data/fallback.py)."""
+    if cfg.data.corpus != DataConfig().corpus:
+        is_local_source(cfg.data.corpus)  # raises for a missing path; False for a hub name
+    if not vocab_falls_back(cfg.data.vocab) and resolve_vocab_path(cfg.data.vocab) is not None:
+        load_tokenizer(cfg.data.vocab)  # None above: a hub tokenizer name, loaded once resolved
+
+
+def resolve_data(cfg: Config, layout: Layout) -> Config:
+    """`cfg` with data.corpus and data.vocab as used (the bundled fallback for a missing default, the
+    trained vocab for `wordpiece:N`) and, for a trained vocab, model.vocab_size of it. What is built on
+    disk is built by rank 0 while the others wait at a barrier (one_rank_first: no cross-node lock)."""
+    warn = warn_stderr if layout.is_main else None
+    corpus, vocab = one_rank_first(lambda: resolve_sources(cfg.data.corpus, cfg.data.vocab, cfg.data.cache_dir,
+                                                           warn=warn), layout)
+    size = special_ids(load_tokenizer(vocab)).vocab_size
+    values = {"data.corpus": corpus, "data.vocab": vocab}
+    if is_fallback_vocab(vocab):
+        values["model.vocab_size"] = size  # the fallback or trained vocab sets the size
+    elif cfg.model.vocab_size != size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer ({vocab}) has {size} tokens")
+    return with_values(cfg, values)
+
+
+def resume_point(cfg: Config, resume: str) -> tuple[str | None, tuple[str, ...]]:
+    """The checkpoint tag to resume from (None: start at step 0) and the incomplete ones skipped."""
+    if resume == "none":
+        return None, ()
+    if resume != "auto":
+        return resume, ()
+    tag, skipped = checkpoint.find_latest(Path(cfg.run_dir) / "checkpoints")
+    return tag, tuple(skipped)
+
+
+def check_resumable(cfg: Config, tag: str, shape: bool = True, data: bool = True) -> None:
+    """A resumed run has the model shape (the checkpoint's config.json) and the data sources (the
+    previous run_config.json) its checkpoint was trained with."""
+    ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+    if shape:
+        checkpoint.check_same_model(ckpt_dir / tag, config_to_hf(cfg.student_model()))
+    previous = Path(cfg.run_dir) / "run_config.json"
+    if not data or not previous.is_file():
+        return
+    before, now = _flat(read_json(previous)), _flat(to_dict(cfg))
+    diff = [f"{k} {before.get(k)} -> {now[k]}" for k in RESUME_PINNED if k in before and before[k] != now[k]]
+    if diff:
+        raise CheckpointError(f"cannot resume from {ckpt_dir / tag}: the data changed since {previous} "
+                              f"({', '.join(diff)}); use another run_dir or --resume none")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def resolve_run(cfg: Config, ds_path: str, resume: str, layout: Layout) -> Run:
+    """The one step from (recipe + overrides, DeepSpeed JSON, environment) to the frozen `Run`. What
+    can be refused without building anything is refused first, before the process group starts and
+    before the run dir is touched; then the data sources are resolved (built once if they fall back)
+    and what depended on them (the vocab size) is checked."""
+    check_parallel(cfg, layout)
+    device = device_for(layout)
+    ds_config = load_ds_config(ds_path, cfg, device)
+    teacher = read_teacher_config(cfg.teacher.path) if cfg.mode == "tcd" else None
+    deferred = vocab_falls_back(cfg.data.vocab)  # the trained/fallback vocab's size is known once built
+    if teacher is not None:
+        student = cfg.student_model()
+        check_compatible(dataclasses.replace(student, vocab_size=teacher.vocab_size) if deferred else student,
+                         teacher, cfg.distill)
+    check_data_inputs(cfg)
+    tag, skipped = resume_point(cfg, resume)
+    if tag is not None and not deferred:  # a changed shape is refused before any compute
+        check_resumable(cfg, tag, data=False)
+    device = init_distributed(layout, cfg.train.collective_timeout_s)
+    spanning = check_expert_groups_local(cfg.model.moe.ep_size if cfg.mode != "vanilla" else 1)
+    if spanning and layout.is_main:
+        print(spanning, file=sys.stderr)
+    cfg = resolve_data(cfg, layout)
+    if teacher is not None and deferred:
+        check_compatible(cfg.student_model(), teacher, cfg.distill)
+    if tag is not None:
+        check_resumable(cfg, tag, shape=deferred)
+    return Run(freeze(cfg), ds_config, layout, device, ds_dtype(ds_config), teacher,
+               teacher_dir(cfg.teacher.path).resolve() if teacher is not None else None, tag, skipped)
+
+
+# --- builders: each reads the resolved Run --------------------------------------------------
 
 @dataclass
 class Data:
@@ -144,50 +287,46 @@ class Data:
 
 
 def build_data(cfg: Config, layout: Layout) -> Data:
+    """The token caches of the resolved data.corpus (see `resolve_data`) and of the eval sets, built by
+    rank 0 while the others wait at a barrier, then reused."""
     show = layout.is_main
-    # a missing default corpus/vocab (no ../shared/data) falls back to bundled real text. What is built
-    # on disk (that fallback, the token caches) is built by rank 0 while the others wait at a barrier,
-    # then reused (one_rank_first: no cross-node file lock)
-    cfg.data.corpus, cfg.data.vocab = one_rank_first(lambda: resolve_sources(
-        cfg.data.corpus, cfg.data.vocab, cfg.data.cache_dir, warn=warn_stderr if show else None), layout)
     tok = load_tokenizer(cfg.data.vocab)
     sp = special_ids(tok)
-    limit = cfg.data.max_documents or None
-    index = one_rank_first(lambda: build_token_cache(cfg.data.corpus, tok, cfg.data.cache_dir, cfg.data.max_seq_len,
-                                                     max_documents=limit, progress=show), layout)
-    train, val = split_train_val(index, cfg.data.val_fraction)
+
+    def cache(source: str, **limits):
+        return one_rank_first(lambda: build_token_cache(source, tok, cfg.data.cache_dir, cfg.data.max_seq_len,
+                                                        progress=show, **limits), layout)
+
+    train, val = split_train_val(cache(cfg.data.corpus, max_documents=cfg.data.max_documents or None),
+                                 cfg.data.val_fraction)
     evals = {}
     for name, source in cfg.data.eval_sets().items():
-        if not Path(source).exists():
-            if show:
-                print(f"eval set {name}: {source} not found, skipped", file=sys.stderr)
-            continue
-        path = one_rank_first(lambda: build_token_cache(source, tok, cfg.data.cache_dir, cfg.data.max_seq_len,
-                                                        max_sequences=cfg.data.eval_max_sequences, progress=show),
-                              layout)
-        evals[name] = PackedDataset(read_index(path))
+        if Path(source).exists():
+            evals[name] = PackedDataset(read_index(cache(source, max_sequences=cfg.data.eval_max_sequences)))
+        elif show:
+            print(f"eval set {name}: {source} not found, skipped", file=sys.stderr)
     order = SampleOrder(len(train), cfg.seed, layout.world_size, cfg.train.micro_batch_size, cfg.train.grad_accum)
     return Data(train, val, evals, order, sp, sp.vocab_size)
 
 
-def build_model(cfg: Config, vocab_size: int) -> tuple[BertForMaskedLM, ModelConfig]:
+def build_model(cfg: Config, vocab_size: int | None = None) -> tuple[BertForMaskedLM, ModelConfig]:
+    """The student (vanilla mode: the dense model) with the seed's initial weights (identical on
+    every rank). `vocab_size`, when given, must be the config's (the tokenizer's, see `resolve_data`)."""
     model_cfg = cfg.student_model()
-    if model_cfg.vocab_size != vocab_size and is_fallback_vocab(cfg.data.vocab):
-        cfg.model.vocab_size = vocab_size  # the fallback vocab (see build_data) sets the size
-        model_cfg = cfg.student_model()
-    if model_cfg.vocab_size != vocab_size:
+    if vocab_size is not None and model_cfg.vocab_size != vocab_size:
         raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} but the tokenizer ({cfg.data.vocab}) has "
                           f"{vocab_size} tokens")
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model_cfg = from_dict(ModelConfig, to_dict(model_cfg))  # the model's own (mutable) copy
+    torch.manual_seed(cfg.seed)
     return BertForMaskedLM(model_cfg), model_cfg
 
 
 def build_teacher(cfg: Config, model_cfg: ModelConfig, device: torch.device
                   ) -> tuple[FrozenTeacher | None, RelationObjective | None]:
+    """The frozen teacher and the objective (mode tcd; `resolve_run` checked that they fit)."""
     if cfg.mode != "tcd":
         return None, None
     teacher = load_teacher(cfg.teacher.path, cfg.distill, cfg.teacher.dtype, device)
-    check_compatible(model_cfg, teacher.config, cfg.distill)
     objective = RelationObjective(cfg.distill, model_cfg.num_layers, teacher.config.num_layers)
     teacher.num_layers = objective.teacher_layers_needed  # stop the teacher at its deepest tapped layer
     return teacher, objective
@@ -211,15 +350,92 @@ def build_engine(cfg: Config, model: BertForMaskedLM, ds_config: dict):
     import deepspeed
 
     untag_replicated_experts(model)
-    t = cfg.train
-    optimizer = GuardedAdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
-    scheduler = GuardedLambdaLR(optimizer, lr_lambda(t))  # a skipped step does not advance the schedule
+    optimizer, scheduler = build_optimizer(model, cfg.train)  # a skipped step does not advance the schedule
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
     return engine, optimizer, scheduler
 
 
-# --- one step, evaluation ---------------------------------------------------------------------
+@dataclass
+class Trainer:
+    """The built pieces of one run (`build`) and the loop's counters."""
+
+    run: Run
+    data: Data
+    model: BertForMaskedLM
+    model_cfg: ModelConfig
+    engine: object
+    optimizer: GuardedAdamW
+    scheduler: GuardedLambdaLR
+    teacher: FrozenTeacher | None
+    objective: RelationObjective | None
+    taps: Taps | None
+    monitor: Monitor | None = None
+    metrics: MetricsLog | None = None
+    step: int = 0
+    tokens: int = 0
+    skipped_total: int = 0
+    in_a_row: int = 0
+    step_time: float = 0.0  # seconds in steps, since this process started
+    last: dict = dataclasses.field(default_factory=dict)  # the last logged window
+
+    @property
+    def cfg(self) -> Config:
+        return self.run.cfg
+
+
+def build(run: Run) -> Trainer:
+    if run.layout.is_main:
+        run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run.run_dir / "run_config.json", run.record())
+    try:
+        data = build_data(run.cfg, run.layout)
+    except (ValueError, OSError) as err:  # an empty or too short corpus, an unreadable file
+        raise ConfigError(f"data: {err}") from None
+    model, model_cfg = build_model(run.cfg, data.vocab_size)
+    teacher, objective = build_teacher(run.cfg, model_cfg, run.device)
+    engine, optimizer, scheduler = build_engine(run.cfg, model, run.ds_config)
+    taps = Taps(tap_points(engine.module, run.cfg.distill.positions, run.cfg.distill.include_embeddings)) \
+        if teacher else None
+    return Trainer(run, data, model, model_cfg, engine, optimizer, scheduler, teacher, objective, taps)
+
+
+def resume(t: Trainer) -> None:
+    """Load the checkpoint `resolve_run` chose, if any: weights, optimizer, schedule, RNG, counters."""
+    run = t.run
+    for reason in run.resume_skipped:
+        print(f"resume: skipped {reason}", file=sys.stderr) if run.layout.is_main else None
+    if run.resume_tag is not None:
+        client = checkpoint.resume(t.engine, run.ckpt_dir, run.resume_tag, run.layout.rank, config_to_hf(t.model_cfg))
+        t.step, t.tokens = client["step"], client["tokens"]
+        if run.layout.is_main:
+            print(f"resume: from {run.ckpt_dir / run.resume_tag} (step {t.step})", file=sys.stderr)
+
+
+def start_monitor(t: Trainer) -> float:
+    """TensorBoard, metrics.jsonl and the start-up lines (size, memory plan); returns the matmul peak."""
+    run, cfg = t.run, t.cfg
+    t.monitor = Monitor(run.run_dir, run.layout.is_main, cfg.train.max_steps, t.step)
+    t.metrics = MetricsLog(run.run_dir / "metrics.jsonl", run.layout.is_main)
+    if not run.layout.is_main:
+        return 0.0
+    dtype = DTYPES[run.dtype]
+    if run.device.type == "cpu" and run.dtype == "bf16" and bf16_warning():
+        t.monitor.message(bf16_warning())
+    peak = measure_matmul_peak(run.device, dtype)
+    t.monitor.message(f"{cfg.mode}: {num_parameters(t.model) / 1e6:.2f}M parameters "
+                      f"({num_parameters(t.model, active=True) / 1e6:.2f}M active), world {run.layout.world_size}, "
+                      f"{len(t.data.train)} training sequences of {cfg.data.max_seq_len}, dtype {dtype}, "
+                      f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+    names = {v: k for k, v in DTYPES.items()}
+    teacher_dtype = names[next(t.teacher.parameters()).dtype] if t.teacher else "fp16"
+    t.monitor.message(format_plan(memory_plan(
+        t.model_cfg, cfg.train.micro_batch_size, cfg.data.max_seq_len, run.layout.world_size,
+        run.ds_config.get("zero_optimization", {}).get("stage", 0), run.dtype, run.teacher, teacher_dtype)))
+    return peak
+
+
+# --- batches, evaluation ----------------------------------------------------------------------
 
 def make_batch(data: Data, dataset: PackedDataset, indices, seed: int, step: int, rank: int, micro: int,
                mlm_probability: float, device: torch.device) -> dict[str, torch.Tensor]:
@@ -252,7 +468,8 @@ def evaluate(engine, data: Data, dataset: PackedDataset, cfg: Config, layout: La
     for b in range(cfg.train.eval_batches):
         start = (b * world + layout.rank) * mb
         indices = [(start + i) % len(dataset) for i in range(mb)]
-        batch = make_batch(data, dataset, indices, cfg.seed + 1, b, layout.rank, 0, cfg.data.mlm_probability, device)
+        batch = make_batch(data, dataset, indices, cfg.seed + 1, b, layout.rank, 0, cfg.data.eval_mlm_probability,
+                           device)
         out = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], labels=batch["labels"])
         n = out.num_masked.double()
         sums += torch.stack([out.mlm_loss.double() * n, out.correct.double(), n])
@@ -263,15 +480,37 @@ def evaluate(engine, data: Data, dataset: PackedDataset, cfg: Config, layout: La
     return {"mlm_loss": loss, "accuracy": (sums[1] / sums[2]).item(), "perplexity": math.exp(min(loss, 50.0))}
 
 
+# --- one step -----------------------------------------------------------------------------------
+
 class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row: the message names the step and the loss terms."""
 
 
-TERMS = ("mlm", "aux", "L_T", "L_I", "L_A")  # the loss terms checked for non-finite values, in order
+# The loss terms, each by one name from `forward_loss` to the summary: the keys of its parts, of
+# metrics.jsonl and summary.json's history, and the TensorBoard tags train/<name> (per layer:
+# relation/<name>/<layer>[/<q|k|v>], from the objective's 'T/3', 'A/2/q'). Two spellings that
+# tests and docs read stay derived from it here: the messages' label (`term_label`: MLM, aux, T, I,
+# A) and summary.json's final-value keys (`SUMMARY_KEYS`).
+TERMS = ("mlm", "aux", "L_T", "L_I", "L_A")  # also the order of the non-finite check
+SUMMARY_KEYS = {"loss": "final_loss", "mlm": "final_mlm_loss", "aux": "final_aux_loss",
+                "L_T": "loss_T", "L_I": "loss_I", "L_A": "loss_A"}
+
+
+def term_name(objective_key: str) -> str:
+    """The objective's 'T' -> 'L_T'; its per-layer 'T/3' -> 'L_T/3'."""
+    return "L_" + objective_key
+
+
+def term_label(name: str) -> str:
+    return "MLM" if name == "mlm" else name.removeprefix("L_")
+
+
+def tensorboard_tag(name: str) -> str:
+    return f"relation/{name}" if "/" in name else f"train/{name}"
 
 
 def forward_loss(engine, batch: dict, taps: Taps | None, teacher: FrozenTeacher | None,
-                 objective: RelationObjective | None, fault: str | None = None):
+                 objective: RelationObjective | None):
     """One micro-batch forward: (loss, logged parts incl. every loss term, model output)."""
     inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     if taps:
@@ -284,40 +523,110 @@ def forward_loss(engine, batch: dict, taps: Taps | None, teacher: FrozenTeacher 
         loss = out.loss
     parts = {"mlm": out.mlm_loss.detach(), "aux": out.aux_loss.detach(),
              "mlm_accuracy": out.correct / out.num_masked.clamp(min=1)}
-    for k, v in terms.items():  # 'T' -> L_T; 'T/3' -> relation/L_T/3 (per layer)
-        parts[f"relation/L_{k}" if "/" in k else f"L_{k}"] = v
+    parts.update({term_name(k): v for k, v in terms.items()})
     for s in out.moe_stats:
         parts["balance"] = parts.get("balance", 0.0) + s.balance_loss.detach() / len(out.moe_stats)
         parts["dropped"] = parts.get("dropped", 0.0) + s.dropped / len(out.moe_stats)
-    if fault:  # fault injection for the reliability tests (TCD_INJECT_NONFINITE)
-        if fault == "grad":
-            poison = next(engine.module.parameters()).sum() * 0.0
-            poison.register_hook(lambda g: g * float("nan"))
-            loss = loss + poison
-        else:
-            parts[fault] = torch.tensor(float("nan"))
-            loss = loss + parts[fault].to(loss.device)
     parts["loss"] = loss.detach()
     return loss, parts, out
 
 
 def nonfinite_terms(parts: dict, device: torch.device) -> list[str]:
-    """Names of the loss terms that are non-finite on any rank (the same list on every rank)."""
+    """Labels of the loss terms that are non-finite on any rank (the same list on every rank)."""
     flags = torch.tensor([0.0 if k not in parts or math.isfinite(float(parts[k])) else 1.0 for k in TERMS],
                          device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return [k.removeprefix("L_") if k.startswith("L_") else k.upper() if k == "mlm" else k
-            for k, f in zip(TERMS, flags.tolist()) if f]
+    return [term_label(k) for k, f in zip(TERMS, flags.tolist()) if f]
 
 
-def injected_faults() -> dict[int, str]:
-    """`TCD_INJECT_NONFINITE="3:mlm,4:grad"`: make step 3's MLM loss NaN and step 4's gradients NaN."""
-    out = {}
-    for item in filter(None, os.environ.get("TCD_INJECT_NONFINITE", "").split(",")):
-        step, term = item.split(":")
-        out[int(step)] = term if term == "grad" else {"mlm": "mlm", "aux": "aux"}.get(term, f"L_{term}")
-    return out
+@dataclass
+class StepResult:
+    parts: dict[str, float]  # the loss terms' means over the micro-batches (empty for a skipped step)
+    tokens: int  # non-padding tokens this rank saw
+    sample_sum: int  # a checksum of this rank's samples (a resumed run must match it)
+    moe_stats: list
+    bad_terms: list[str]  # labels of the non-finite terms
+
+
+def train_step(t: Trainer, step: int) -> StepResult:
+    """Step `step` (1-based): its micro-batches, the optimizer step, then the non-finite protocol:
+    a micro-batch with a non-finite term back-propagates an exact zero on every rank and the
+    optimizer step is skipped (`GuardedAdamW`, also for non-finite gradients);
+    `train.max_nonfinite_steps` skipped steps in a row stop the run."""
+    cfg, run, engine = t.cfg, t.run, t.engine
+    t.optimizer.begin_step()
+    sums, tokens, sample_sum, bad_terms, out = {}, 0, 0, [], None
+    for micro in range(cfg.train.grad_accum):
+        indices = t.data.order.batch_indices(step - 1, micro, run.layout.rank)
+        batch = make_batch(t.data, t.data.train, indices, cfg.seed, step - 1, run.layout.rank, micro,
+                           cfg.data.mlm_probability, run.device)
+        loss, parts, out = forward_loss(engine, batch, t.taps, t.teacher, t.objective)
+        bad = nonfinite_terms(parts, run.device)
+        if bad:
+            bad_terms += [b for b in bad if b not in bad_terms]
+            t.optimizer.skip_requested = True
+            loss = sum((p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad),
+                       torch.zeros((), device=run.device))
+        engine.backward(loss)
+        engine.step()
+        if not bad:
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / cfg.train.grad_accum
+        tokens += int(batch["attention_mask"].sum())
+        sample_sum += int(indices.sum())
+    # skipped by our guard, or by DeepSpeed's ZeRO optimizer itself (it drops a step whose global
+    # gradient norm is not finite, and then does not advance the LR schedule)
+    if t.optimizer.skipped or getattr(engine.optimizer, "overflow", False):
+        t.skipped_total, t.in_a_row = t.skipped_total + 1, t.in_a_row + 1
+        what = ", ".join(bad_terms) or "gradients"
+        t.monitor.message(f"step {step}: non-finite {what}: step skipped ({t.in_a_row} in a row)")
+        t.monitor.scalars(step, {"train/skipped_steps": t.skipped_total})
+        if t.in_a_row >= cfg.train.max_nonfinite_steps:
+            raise NonFiniteError(f"stopped at step {step}: {t.in_a_row} steps in a row had non-finite {what} "
+                                 f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last "
+                                 f"complete checkpoint is under {run.ckpt_dir}")
+    else:
+        t.in_a_row = 0
+    return StepResult(sums, tokens, sample_sum, out.moe_stats, bad_terms)
+
+
+# --- logging, evaluation, saving --------------------------------------------------------------
+
+@dataclass
+class LogWindow:
+    """What the steps since the last log line add up to."""
+
+    peak: float  # the matmul peak (FLOP/s; 0 on ranks other than 0 and when not measured)
+    flops_per_token: float
+    tokens: int = 0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def add(self, result: StepResult) -> None:
+        self.tokens += result.tokens
+
+
+def log_window(t: Trainer, window: LogWindow, step: int, result: StepResult) -> None:
+    """Every `train.log_every` steps (and the last): the window's means over ranks to TensorBoard,
+    the progress line and metrics.jsonl; the window restarts."""
+    world = t.run.layout.world_size
+    logged = all_mean(result.parts, t.run.device)
+    elapsed = time.perf_counter() - window.start
+    seen = all_mean({"tokens": window.tokens}, t.run.device)["tokens"] * world
+    t.tokens += int(seen)
+    tps = seen / elapsed
+    logged.update({"lr": t.scheduler.get_last_lr()[0], "grad_norm": float(t.engine.get_global_grad_norm() or 0.0),
+                   "tokens_per_second": tps, "tokens": t.tokens})
+    if window.peak:
+        logged["mfu"] = window.flops_per_token * tps / (window.peak * world)
+    t.monitor.scalars(step, {tensorboard_tag(k): v for k, v in logged.items()})
+    log_expert_load(t.monitor, step, result.moe_stats)
+    shown = {k: logged[k] for k in ("loss", *TERMS) if k in logged}
+    t.monitor.progress(step, {**shown, "tok/s": tps})
+    t.metrics.append("train", step, {"samples_rank0": result.sample_sum,
+                                     **{k: v for k, v in logged.items() if "/" not in k}})
+    t.last = logged
+    window.tokens, window.start = 0, time.perf_counter()
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client: dict, model_config: dict, cfg: Config,
@@ -362,178 +671,92 @@ class StopRequest:
         return bool(flag.item())
 
 
+
+def save(t: Trainer, step: int) -> Path:
+    return save_checkpoint(t.engine, t.run.ckpt_dir, step, {"step": step, "tokens": t.tokens},
+                           config_to_hf(t.model_cfg), t.cfg, t.run.device)
+
+
+def due(every: int, step: int, last: int) -> bool:
+    return bool(every) and step % every == 0 and step < last
+
+
 # --- the loop ---------------------------------------------------------------------------------
 
-def train(cfg: Config, layout: Layout, device: torch.device, ds_config: dict, resume: str,
-          stop: StopRequest | None = None) -> dict:
-    run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
+def train(run: Run, stop: StopRequest | None = None) -> dict:
+    """Build, resume, then for each step: batch -> step -> log -> eval -> save; then the end of the
+    run (final eval, export, summary). A signal (SIGTERM/SIGUSR1) saves the step and stops."""
     node = os.environ.get("SLURMD_NODENAME", socket.gethostname())
-    print(f"rank {layout.rank}/{layout.world_size} (local {layout.local_rank}) on {node}, device {device}, "
-          f"launcher {layout.launcher}", file=sys.stderr, flush=True)
-    if layout.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    try:
-        data = build_data(cfg, layout)
-    except (ValueError, OSError) as err:  # an empty or too short corpus, a bad vocab, an unreadable file
-        raise ConfigError(f"data: {err}") from None
-    model, model_cfg = build_model(cfg, data.vocab_size)
-    teacher, objective = build_teacher(cfg, model_cfg, device)
-    engine, optimizer, scheduler = build_engine(cfg, model, ds_config)
-    taps = Taps(tap_points(engine.module, cfg.distill.positions, cfg.distill.include_embeddings)) if teacher else None
-
-    step, tokens = 0, 0
-    if resume != "none":
-        tag, skipped = (resume, []) if resume != "auto" else checkpoint.find_latest(ckpt_dir)
-        for reason in skipped:
-            print(f"resume: skipped {reason}", file=sys.stderr) if layout.is_main else None
-        if tag is not None:
-            client = checkpoint.resume(engine, ckpt_dir, tag, layout.rank, config_to_hf(model_cfg))
-            step, tokens = client["step"], client["tokens"]
-            if layout.is_main:
-                print(f"resume: from {ckpt_dir / tag} (step {step})", file=sys.stderr)
-
-    monitor = Monitor(run_dir, layout.is_main, cfg.train.max_steps, step)
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
-        torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
-    if layout.is_main and device.type == "cpu" and dtype == torch.bfloat16 and bf16_warning():
-        monitor.message(bf16_warning())
-    peak = measure_matmul_peak(device, dtype) if layout.is_main else 0.0
-    fpt = flops_per_token(model_cfg, cfg.data.max_seq_len, cfg.data.mlm_probability)
-    if layout.is_main:
-        monitor.message(f"{cfg.mode}: {num_parameters(model) / 1e6:.2f}M parameters "
-                        f"({num_parameters(model, active=True) / 1e6:.2f}M active), world {layout.world_size}, "
-                        f"{len(data.train)} training sequences of {cfg.data.max_seq_len}, dtype {dtype}, "
-                        f"matmul peak {peak / 1e9:.1f} GFLOP/s")
-        names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-        teacher_dtype = names[next(teacher.parameters()).dtype] if teacher else "fp16"
-        monitor.message(format_plan(memory_plan(
-            model_cfg, cfg.train.micro_batch_size, cfg.data.max_seq_len, layout.world_size,
-            ds_config.get("zero_optimization", {}).get("stage", 0), names[dtype],
-            teacher.config if teacher else None, teacher_dtype)))
-
-    if stop is None:
-        stop = StopRequest()
-    model_config = config_to_hf(model_cfg)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", layout.is_main)
-    inject = injected_faults()
-    last, window_tokens, window_start = {}, 0, time.perf_counter()
-    total_time, skipped_total, in_a_row = 0.0, 0, 0
+    print(f"rank {run.layout.rank}/{run.layout.world_size} (local {run.layout.local_rank}) on {node}, device "
+          f"{run.device}, launcher {run.layout.launcher}", file=sys.stderr, flush=True)
+    stop = stop or StopRequest()
+    t = build(run)
+    resume(t)
+    cfg, last = t.cfg, t.cfg.train.max_steps
+    window = LogWindow(start_monitor(t), flops_per_token(t.model_cfg, cfg.data.max_seq_len, cfg.data.mlm_probability))
     interrupted = False
-
-    def save(at: int) -> Path:
-        return save_checkpoint(engine, ckpt_dir, at, {"step": at, "tokens": tokens}, model_config, cfg, device)
-
     try:
-        engine.train()
-        while step < cfg.train.max_steps:
-            step_start = time.perf_counter()
-            optimizer.begin_step()
-            sums: dict[str, float] = {}
-            sample_sum, bad_terms = 0, []  # sample_sum: a checksum of this rank's samples (resume must match it)
-            for micro in range(cfg.train.grad_accum):
-                indices = data.order.batch_indices(step, micro, layout.rank)
-                batch = make_batch(data, data.train, indices, cfg.seed, step, layout.rank, micro,
-                                   cfg.data.mlm_probability, device)
-                loss, parts, out = forward_loss(engine, batch, taps, teacher, objective, inject.get(step + 1))
-                bad = nonfinite_terms(parts, device)
-                if bad:  # skipped on every rank: back-propagate an exact zero, and the optimizer step is a no-op
-                    bad_terms += [t for t in bad if t not in bad_terms]
-                    optimizer.skip_requested = True
-                    loss = sum((p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad),
-                               torch.zeros((), device=device))
-                engine.backward(loss)
-                engine.step()
-                if not bad:
-                    for k, v in parts.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) / cfg.train.grad_accum
-                window_tokens += int(batch["attention_mask"].sum())
-                sample_sum += int(indices.sum())
-            step += 1
-            total_time += time.perf_counter() - step_start
-
-            # skipped by our guard, or by DeepSpeed's ZeRO optimizer itself (it drops a step whose global
-            # gradient norm is not finite, and then does not advance the LR schedule)
-            if optimizer.skipped or getattr(engine.optimizer, "overflow", False):
-                skipped_total, in_a_row = skipped_total + 1, in_a_row + 1
-                what = ", ".join(bad_terms) or "gradients"
-                monitor.message(f"step {step}: non-finite {what}: step skipped ({in_a_row} in a row)")
-                monitor.scalars(step, {"train/skipped_steps": skipped_total})
-                if in_a_row >= cfg.train.max_nonfinite_steps:
-                    raise NonFiniteError(f"stopped at step {step}: {in_a_row} steps in a row had non-finite {what} "
-                                         f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last "
-                                         f"complete checkpoint is under {ckpt_dir}")
-            else:
-                in_a_row = 0
-
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                logged = all_mean(sums, device)
-                elapsed = time.perf_counter() - window_start
-                window = all_mean({"tokens": window_tokens}, device)["tokens"] * layout.world_size
-                tokens += int(window)
-                tps = window / elapsed
-                logged.update({"lr": scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                               "tokens_per_second": tps, "tokens": tokens})
-                if peak:
-                    logged["mfu"] = fpt * tps / (peak * layout.world_size)
-                monitor.scalars(step, {("train/" + k if "/" not in k else k): v for k, v in logged.items()})
-                log_expert_load(monitor, step, out.moe_stats)
-                shown = {k: logged[k] for k in ("loss", "mlm", "aux", "L_T", "L_I", "L_A") if k in logged}
-                shown["tok/s"] = tps
-                monitor.progress(step, shown)
-                last = logged
-                metrics.append("train", step, {"samples_rank0": sample_sum,
-                                               **{k: v for k, v in logged.items() if "/" not in k}})
-                window_tokens, window_start = 0, time.perf_counter()
-
-            stopping = stop.agreed(device)  # before the eval: after a signal, save at once
-            if (cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps
-                    and not stopping):
-                metrics.append("eval", step, run_evals(engine, data, cfg, layout, device, monitor, step))
+        t.engine.train()
+        while t.step < last:
+            started = time.perf_counter()
+            result = train_step(t, t.step + 1)
+            t.step += 1
+            t.step_time += time.perf_counter() - started
+            window.add(result)
+            if t.step % cfg.train.log_every == 0 or t.step == last:
+                log_window(t, window, t.step, result)
+            stopping = stop.agreed(run.device)  # before the eval: after a signal, save at once
+            if due(cfg.train.eval_every, t.step, last) and not stopping:
+                t.metrics.append("eval", t.step, run_evals(t))
             if stopping:
                 interrupted = True
-                save(step)
-                monitor.message(f"signal {stop.signal}: saved step {step}; exiting with status {REQUEUE_EXIT} (requeue)")
+                save(t, t.step)
+                t.monitor.message(f"signal {stop.signal}: saved step {t.step}; exiting with status {REQUEUE_EXIT} "
+                                  "(requeue)")
                 break
-            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
-                save(step)
-
-        summary = {"mode": cfg.mode, "steps": step, "tokens": tokens, "interrupted": interrupted}
-        if not interrupted:
-            evals = run_evals(engine, data, cfg, layout, device, monitor, step)
-            metrics.append("eval", step, evals)
-            final = save(step)
-            if layout.is_main:
-                checkpoint.export_checkpoint(final, run_dir / "export")
-                tok_file = Path(cfg.data.vocab)
-                if tok_file.is_file():
-                    (run_dir / "export" / "vocab.txt").write_bytes(tok_file.read_bytes())
-            summary.update(eval=evals)
-        summary.update({
-            "final_loss": last.get("loss"), "final_mlm_loss": last.get("mlm"), "final_aux_loss": last.get("aux"),
-            "loss_T": last.get("L_T"), "loss_I": last.get("L_I"), "loss_A": last.get("L_A"),
-            "tokens_per_second": last.get("tokens_per_second"), "mfu": last.get("mfu"),
-            "step_time_s": total_time / max(1, step - monitor.start_step), "world_size": layout.world_size,
-            "parameters": num_parameters(model), "active_parameters": num_parameters(model, active=True),
-            "history": metrics.read("train"), "eval_history": metrics.read("eval"),
-        })
-        if layout.is_main:
-            write_json_atomic(run_dir / "summary.json", summary)
+            if due(cfg.train.save_every, t.step, last):
+                save(t, t.step)
+        return finish(t, interrupted)
     finally:  # events written so far reach the disk, also when the run stops on an error
-        monitor.close()
-        if taps:
-            taps.remove()
+        t.monitor.close()
+        if t.taps:
+            t.taps.remove()
+
+
+def finish(t: Trainer, interrupted: bool) -> dict:
+    """The end of the run: (unless interrupted) the final eval, the last checkpoint and its export;
+    then summary.json."""
+    run = t.run
+    summary = {"mode": t.cfg.mode, "steps": t.step, "tokens": t.tokens, "interrupted": interrupted}
+    if not interrupted:
+        evals = run_evals(t)
+        t.metrics.append("eval", t.step, evals)
+        final = save(t, t.step)
+        if run.layout.is_main:
+            checkpoint.export_checkpoint(final, run.run_dir / "export")
+            tok_file = Path(t.cfg.data.vocab)
+            if tok_file.is_file():
+                (run.run_dir / "export" / "vocab.txt").write_bytes(tok_file.read_bytes())
+        summary.update(eval=evals)
+    summary.update({key: t.last.get(name) for name, key in SUMMARY_KEYS.items()})
+    summary.update({
+        "tokens_per_second": t.last.get("tokens_per_second"), "mfu": t.last.get("mfu"),
+        "step_time_s": t.step_time / max(1, t.step - t.monitor.start_step), "world_size": run.layout.world_size,
+        "parameters": num_parameters(t.model), "active_parameters": num_parameters(t.model, active=True),
+        "history": t.metrics.read("train"), "eval_history": t.metrics.read("eval"),
+    })
+    if run.layout.is_main:
+        write_json_atomic(run.run_dir / "summary.json", summary)
     return summary
 
 
-def run_evals(engine, data: Data, cfg: Config, layout: Layout, device: torch.device, monitor: Monitor,
-              step: int) -> dict[str, dict[str, float]]:
-    results = {"val": evaluate(engine, data, data.val, cfg, layout, device)}
-    for name, dataset in data.evals.items():
-        results[name] = evaluate(engine, data, dataset, cfg, layout, device)
+def run_evals(t: Trainer) -> dict[str, dict[str, float]]:
+    run, data = t.run, t.data
+    results = {name: evaluate(t.engine, data, dataset, t.cfg, run.layout, run.device)
+               for name, dataset in {"val": data.val, **data.evals}.items()}
     for name, metrics in results.items():
-        monitor.scalars(step, {f"eval/{name}/{k}": v for k, v in metrics.items()})
-    monitor.message("eval step {}: {}".format(step, ", ".join(
+        t.monitor.scalars(t.step, {f"eval/{name}/{k}": v for k, v in metrics.items()})
+    t.monitor.message("eval step {}: {}".format(t.step, ", ".join(
         f"{n} mlm {m['mlm_loss']:.3f} acc {m['accuracy']:.3f}" for n, m in results.items())))
     return results
 
@@ -554,31 +777,12 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         cfg = build_config(args.config, overrides)
         layout = detect_layout()
-        check_parallel(cfg, layout)
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        ds_config = load_ds_config(args.deepspeed_config, cfg, device)
-        if cfg.mode == "tcd":
-            teacher_cfg, student = read_teacher_config(cfg.teacher.path), cfg.student_model()
-            if vocab_falls_back(cfg.data.vocab):  # the fallback vocab's size is known after build_data
-                student = dataclasses.replace(student, vocab_size=teacher_cfg.vocab_size)
-            check_compatible(student, teacher_cfg, cfg.distill)
-        # missing or malformed data inputs: one line, before any compute (a missing *default* path
-        # falls back to bundled text instead, see data/fallback.py)
-        if cfg.data.corpus != DataConfig().corpus:
-            is_local_source(cfg.data.corpus)  # raises for a missing path; False for a hub name
-        if cfg.data.vocab != DataConfig().vocab or Path(cfg.data.vocab).exists():
-            if resolve_vocab_path(cfg.data.vocab) is not None:  # None: a hub tokenizer name
-                load_tokenizer(cfg.data.vocab)
-        if args.resume == "auto":  # a changed model shape is refused before any compute
-            tag, _ = checkpoint.find_latest(Path(cfg.run_dir) / "checkpoints")
-            if tag is not None:
-                checkpoint.check_same_model(Path(cfg.run_dir) / "checkpoints" / tag, config_to_hf(cfg.student_model()))
+        run = resolve_run(cfg, args.deepspeed_config, args.resume, layout)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    device = init_distributed(layout, cfg.train.collective_timeout_s)
     try:
-        summary = train(cfg, layout, device, ds_config, args.resume, stop)
+        summary = train(run, stop)
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -586,9 +790,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(NONFINITE_EXIT) from None
     if layout.is_main:  # where everything went
-        used = teacher_dir(cfg.teacher.path).resolve() if cfg.mode == "tcd" else None
-        info = f"vanilla BERT, {teacher_cfg.num_layers} layers x {teacher_cfg.hidden_size}, frozen" if used else ""
-        print(run_summary_block(cfg.run_dir, summary, used, info), flush=True)
+        info = (f"vanilla BERT, {run.teacher.num_layers} layers x {run.teacher.hidden_size}, frozen"
+                if run.teacher else "")
+        print(run_summary_block(run.run_dir, summary, run.teacher_dir, info), flush=True)
     if summary["interrupted"]:
         raise SystemExit(REQUEUE_EXIT)
     return summary

@@ -60,3 +60,19 @@ def test_config_paths_and_nearest_paths():
     assert nearest_paths("moe.ep_size", leaves) == ["model.moe.ep_size"]
     assert nearest_paths("zzzz", leaves) == []
     assert nearest_paths("model.moe.topk", leaves, "model.moe.") == ["model.moe.top_k"]
+
+
+def test_a_frozen_tree_is_read_only_and_with_values_builds_a_new_one():
+    """The resolved run config (`tcd_ds.train.resolve_run`) is frozen: a builder that tried to change
+    it (as build_data and build_model once changed data.corpus, data.vocab and model.vocab_size) fails."""
+    from tcd_ds.config import build_config, freeze, with_values
+
+    cfg = freeze(build_config("tiny", ["mode=moe"]))
+    for section, key in ((cfg.data, "corpus"), (cfg.model, "vocab_size"), (cfg.model.moe, "top_k"), (cfg, "mode")):
+        with pytest.raises(AttributeError, match="read-only"):
+            setattr(section, key, getattr(section, key))
+    new = with_values(cfg, {"data.corpus": "/x", "model.vocab_size": "700"})
+    assert (new.data.corpus, new.model.vocab_size, cfg.data.corpus) == ("/x", 700, build_config("tiny", ["mode=moe"]).data.corpus)
+    new.data.corpus = "/y"  # a new tree is not frozen
+    with pytest.raises(ConfigError, match="model.vocab_size must be >= 1"):
+        with_values(cfg, {"model.vocab_size": 0})

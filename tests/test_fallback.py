@@ -160,6 +160,15 @@ def test_train_end_to_end_without_shared_data(tmp_path):
     exported = (run_dir / "export" / "vocab.txt").read_text().splitlines()
     assert exported[:5] == list(REQUIRED_SPECIAL_TOKENS)
     assert json.loads((run_dir / "export" / "config.json").read_text())["vocab_size"] == len(exported)
+    # run_config.json records the run as it ran: the fallback corpus and vocab actually used (not the
+    # missing defaults), the vocab size they gave the model, and what the environment decided
+    recorded = json.loads((run_dir / "run_config.json").read_text())
+    corpus, vocab = Path(recorded["data"]["corpus"]), Path(recorded["data"]["vocab"])
+    assert corpus.name.startswith("fallback-corpus-") and (corpus / "SOURCE.json").is_file(), recorded["data"]
+    assert is_fallback_vocab(vocab) and vocab.is_file() and vocab.read_text().splitlines() == exported
+    assert recorded["model"]["vocab_size"] == len(exported)
+    assert recorded["run"]["world_size"] == 1 and recorded["run"]["dtype"] == "fp32"
+    assert recorded["run"]["resume_from"] is None and recorded["run"]["ds_config"]["train_micro_batch_size_per_gpu"]
 
 
 def test_trained_vocab_on_request(fallback, tmp_path):

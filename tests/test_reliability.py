@@ -139,7 +139,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(shared_data, cache, tiny
                                             "train.max_nonfinite_steps=2", "train.save_every=1",
                                             "train.keep_checkpoints=10")
     # step 2: NaN MLM loss (skipped, then recovered); steps 4 and 5: NaN relation loss T -> stop at 5
-    proc = launch(args, tmp_path / "log.txt", ranks=1, env={"TCD_INJECT_NONFINITE": "2:mlm,4:T,5:T"})
+    proc = launch(args, tmp_path / "log.txt", ranks=1, faults="2:mlm,4:T,5:T")
     text = (tmp_path / "log.txt").read_text()
     assert proc.returncode == 3, text[-3000:]
     assert "step 2: non-finite MLM: step skipped (1 in a row)" in text
@@ -156,7 +156,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(shared_data, cache, tiny
 def test_nonfinite_gradients_are_caught_too(shared_data, cache, tmp_path):
     run = tmp_path / "run"
     args = BASE + ["--mode", "moe"] + quick(shared_data, cache, run, 6, *SMALL_MOE, "train.max_nonfinite_steps=2")
-    proc = launch(args, tmp_path / "log.txt", ranks=1, env={"TCD_INJECT_NONFINITE": "3:grad,4:grad"})
+    proc = launch(args, tmp_path / "log.txt", ranks=1, faults="3:grad,4:grad")
     text = (tmp_path / "log.txt").read_text()
     assert proc.returncode == 3, text[-3000:]
     assert "error: stopped at step 4: 2 steps in a row had non-finite gradients" in text

@@ -24,16 +24,49 @@ def quick(shared: Path, cache: Path, run_dir: Path, steps: int, *extra: str) -> 
             "train.micro_batch_size=8", "train.warmup_steps=2", f"run_dir={run_dir}", *extra]
 
 
-def launcher_cmd(args: list[str], ranks: int) -> list[str]:
+# argv: FAULTS trainer-args...; FAULTS such as "3:mlm,4:T,5:grad": step 3's forward returns a NaN MLM
+# loss, step 4's a NaN relation loss L_T, step 5's a loss whose gradients are NaN (a hook on one
+# parameter). The trainer itself knows nothing of faults: its skip protocol meets them as real ones.
+FAULT_RUNNER = r"""
+import sys
+import torch
+import tcd_ds.train as t
+faults = {int(s): term for s, term in (item.split(":") for item in sys.argv[1].split(","))}
+real_step, real_forward, current = t.train_step, t.forward_loss, [0]
+def train_step(trainer, step):
+    current[0] = step
+    return real_step(trainer, step)
+def forward_loss(engine, *args, **kwargs):
+    loss, parts, out = real_forward(engine, *args, **kwargs)
+    fault = faults.get(current[0])
+    if fault == "grad":
+        poison = next(engine.module.parameters()).sum() * 0.0
+        poison.register_hook(lambda g: g * float("nan"))
+        loss = loss + poison
+    elif fault:
+        name = fault if fault in ("mlm", "aux") else t.term_name(fault)
+        parts[name] = torch.tensor(float("nan"))
+        loss = loss + parts[name].to(loss.device)
+    return loss, parts, out
+t.train_step, t.forward_loss = train_step, forward_loss
+t.main(sys.argv[2:])
+"""
+
+
+def launcher_cmd(args: list[str], ranks: int, faults: str | None = None) -> list[str]:
+    if faults:
+        assert ranks == 1, "fault injection runs one rank"
+        return [sys.executable, "-c", FAULT_RUNNER, faults, *args]
     if ranks == 1:
         return [sys.executable, "-m", "tcd_ds.train", *args]
     return ["deepspeed", "--num_accelerators", str(ranks), "--master_port", str(free_port()), "tcd_ds/train.py", *args]
 
 
-def launch(args: list[str], log: Path, ranks: int = 2, timeout: float = 400, env: dict | None = None
-           ) -> subprocess.CompletedProcess:
+def launch(args: list[str], log: Path, ranks: int = 2, timeout: float = 400, env: dict | None = None,
+           faults: str | None = None) -> subprocess.CompletedProcess:
+    """Run the trainer to its end; `faults`: see FAULT_RUNNER."""
     with open(log, "w") as f:
-        return subprocess.run(launcher_cmd(args, ranks), cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+        return subprocess.run(launcher_cmd(args, ranks, faults), cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
                               timeout=timeout, env=None if env is None else {**os.environ, **env})
 
 
