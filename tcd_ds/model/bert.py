@@ -17,6 +17,7 @@ Hugging Face `BertModel` (which is post-LN), though its state dict has the same 
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -50,13 +51,20 @@ class Embeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
+@functools.lru_cache(maxsize=16)
+def rotary_cos_sin(seq_len: int, dim: int, device: torch.device, dtype: torch.dtype, base: float = 10000.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles p * base^(-2i/d), [S, d/2], computed in float64 once per shape
+    (every layer's Q and K reuse them: the training step would otherwise redo them 2 x layers times)."""
+    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+    angle = torch.arange(seq_len, dtype=torch.float64, device=device)[:, None] * inv_freq
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
 def rotate_positions(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
     """RoFormer's rotary position embedding of [B, heads, S, d]: feature pair (2i, 2i+1) of position
     p turned by the angle p * base^(-2i/d), so q.k depends on the positions only through p_q - p_k."""
-    d, s = x.shape[-1], x.shape[-2]
-    inv_freq = base ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
-    angle = torch.arange(s, dtype=torch.float64, device=x.device)[:, None] * inv_freq  # [S, d/2]
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    cos, sin = rotary_cos_sin(x.shape[-2], x.shape[-1], x.device, x.dtype, base)
     even, odd = x[..., 0::2], x[..., 1::2]
     return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
