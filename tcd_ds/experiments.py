@@ -8,8 +8,9 @@ pairs override it (`glue.seeds=1,2`, `pretrain.train.max_steps=50`, `ranks=1`). 
 
 1. teacher    pre-train the vanilla (dense) teacher;
 2. pretrain   the MoE baseline and the TCD student: same data, seed and steps (epoch-aligned);
-3. align      a longer baseline (`align.factor` x steps, eval + save every `align.every`); the
-              earliest checkpoint whose val MLM loss <= the student's is exported (perf-aligned);
+3. align      the earliest baseline checkpoint whose val MLM loss <= the student's is exported
+              (perf-aligned): from the baseline's own checkpoints when it gets there, else from a
+              longer baseline (`align.factor` x steps, eval + save every `align.every`);
 4. ablations  TCD with position subsets (T, I, A, TI, ...), same steps; fine-tuned on `ablations.tasks`;
 5. trend      `trend.task` fine-tuned from checkpoints along pre-training, baseline vs TCD;
 6. ood        MLM loss out of distribution (Gutenberg) vs in-domain for loss-aligned models;
@@ -568,10 +569,18 @@ def _teacher_path(p: Pipeline) -> str:
     return f"teacher.path={teacher.resolve()}"
 
 
+def _pretrain_cadence(rc: dict) -> list[str]:
+    """Eval + keep a checkpoint every gcd(align.every, trend.every) steps in the baseline and the
+    student (the same for both): step trend fine-tunes from these checkpoints, and step align can
+    take the performance-aligned baseline from the baseline's own ones (see `step_align`)."""
+    every = math.gcd(rc["align"]["every"], rc["trend"]["every"])
+    return [f"train.eval_every={every}", *_keep_all(rc["_steps"], every)]
+
+
 def step_pretrain(p: Pipeline) -> None:
-    dirs, keep = run_dirs(p.out, p.rc), _keep_all(p.rc["_steps"], p.rc["trend"]["every"])
-    p.train(dirs["baseline"], "moe", keep)
-    p.train(dirs["tcd"], "tcd", [_teacher_path(p), *keep])
+    dirs, cadence = run_dirs(p.out, p.rc), _pretrain_cadence(p.rc)
+    p.train(dirs["baseline"], "moe", cadence)
+    p.train(dirs["tcd"], "tcd", [_teacher_path(p), *cadence])
 
 
 def _final_val(run_dir: Path) -> float:
@@ -581,27 +590,39 @@ def _final_val(run_dir: Path) -> float:
     return summary["eval"]["val"]["mlm_loss"]
 
 
+def _aligned_selection(run_dir: Path, target: float) -> dict:
+    from tcd_ds.checkpoint import complete_checkpoints
+
+    history = read_json(run_dir / "summary.json")["eval_history"]
+    return select_aligned(history, [s for _, s in complete_checkpoints(run_dir / "checkpoints")], target)
+
+
 def step_align(p: Pipeline) -> None:
-    from tcd_ds.checkpoint import complete_checkpoints, export_checkpoint
+    """The performance-aligned baseline: the earliest baseline checkpoint whose val MLM loss is at
+    or below the student's final one. When the epoch-aligned baseline already gets there (the
+    student is no better at MLM), it is taken from that run's own checkpoints and no longer run is
+    trained; otherwise a baseline of `align.factor` x steps is trained and searched."""
+    from tcd_ds.checkpoint import export_checkpoint
 
     dirs, a = run_dirs(p.out, p.rc), p.rc["align"]
-    long_steps = max(1, round(a["factor"] * p.rc["_steps"]))
-    p.train(dirs["baseline_long"], "moe", [f"train.max_steps={long_steps}", f"train.eval_every={a['every']}",
-                                           *_keep_all(long_steps, a["every"])])
     target = _final_val(dirs["tcd"])
-    history = read_json(dirs["baseline_long"] / "summary.json")["eval_history"]
-    ckpts = dirs["baseline_long"] / "checkpoints"
-    sel = select_aligned(history, [s for _, s in complete_checkpoints(ckpts)], target)
+    source, long_steps = "baseline", None
+    sel = _aligned_selection(dirs["baseline"], target)
+    if not sel["reached"]:
+        source, long_steps = "baseline_long", max(1, round(a["factor"] * p.rc["_steps"]))
+        p.train(dirs[source], "moe", [f"train.max_steps={long_steps}", f"train.eval_every={a['every']}",
+                                      *_keep_all(long_steps, a["every"])])
+        sel = _aligned_selection(dirs[source], target)
     unit_dir = aligned_dir(p.out)
 
     def work() -> dict:
-        export_checkpoint(ckpts / f"step_{sel['step']:08d}", unit_dir / "export")
-        _copy_vocab(dirs["baseline_long"], unit_dir / "export")
-        return {**sel, "student_steps": p.rc["_steps"], "baseline_steps": p.rc["_steps"],
+        export_checkpoint(dirs[source] / "checkpoints" / f"step_{sel['step']:08d}", unit_dir / "export")
+        _copy_vocab(dirs[source], unit_dir / "export")
+        return {**sel, "source": source, "student_steps": p.rc["_steps"], "baseline_steps": p.rc["_steps"],
                 "baseline_val": _final_val(dirs["baseline"]), "long_steps": long_steps,
-                "long_val": _final_val(dirs["baseline_long"])}
+                "long_val": _final_val(dirs[source]) if long_steps else None}
 
-    p.unit(unit_dir, sel, work)
+    p.unit(unit_dir, {**sel, "source": source}, work)
 
 
 def _copy_vocab(run_dir: Path, export: Path) -> None:
@@ -646,7 +667,7 @@ def ood_analysis(rc: dict, out: Path) -> dict:
     aligned = read_json(aligned_dir(out) / "done.json")
     if aligned is None or not (dirs["tcd"] / "summary.json").is_file():
         raise ExperimentError("step ood needs step align first")
-    long = read_json(dirs["baseline_long"] / "summary.json")["eval_history"]
+    long = read_json(dirs[aligned.get("source", "baseline_long")] / "summary.json")["eval_history"]
     row = next(e for e in long if e["step"] == aligned["step"])
     student = read_json(dirs["tcd"] / "summary.json")["eval"]
     models = {"baseline_aligned": {**row, "step": aligned["step"]}, "tcd": {**student, "step": rc["_steps"]}}

@@ -19,7 +19,7 @@ An MoE export fine-tunes with its experts and its router loss: the training loss
 plus the model's aux loss (`--aux-loss-weight` overrides the load-balancing weight; default: the
 model's own). Backend `torch` by default, `--moe-backend grouped` for the grouped-matmul experts.
 
-Training: AdamW (betas 0.9/0.999, eps 1e-8), weight decay by pre-training's rule (`optim.param_groups`:
+Training: AdamW (betas 0.9/0.999, eps 1e-8; torch's fused kernel on CPU and CUDA, `optim.adamw`), weight decay by pre-training's rule (`optim.param_groups`:
 on every weight matrix, not on biases, experts' stacked biases and LayerNorm weights), pre-training's
 schedule (`optim.warmup_decay`): linear warm-up over `--warmup-ratio` of the steps then linear
 decay to 0, gradient clipping at
@@ -105,7 +105,7 @@ from tcd_ds.cli import format_duration
 from tcd_ds.config import ConfigError, ModelConfig
 from tcd_ds.data import glue
 from tcd_ds.data.glue import Example, GlueDataError, TaskSpec
-from tcd_ds.optim import param_groups, warmup_decay
+from tcd_ds.optim import adamw, param_groups, warmup_decay
 from tcd_ds.data.tokenizer import VOCAB_FILENAME, load_tokenizer, special_ids
 from tcd_ds.model.bert import BertForSequenceClassification
 from tcd_ds.model.hf import CheckpointError, load_hf_state_dict, read_pretrained
@@ -378,8 +378,7 @@ def train_one(model: nn.Module, spec: TaskSpec, train: list[dict[str, Any]],
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total = steps_per_epoch * epochs
     warmup = math.ceil(warmup_ratio * total)
-    opt = torch.optim.AdamW(param_groups(model, weight_decay, split_experts=False), lr=lr, betas=(0.9, 0.999),
-                            eps=1e-8)
+    opt = adamw(param_groups(model, weight_decay, split_experts=False), lr=lr, betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_decay(warmup, total))  # linear, to 0
     history: list[dict[str, Any]] = []
     start = time.perf_counter()

@@ -121,7 +121,27 @@ def _device_of(opt: torch.optim.Optimizer) -> torch.device:
     return torch.device("cpu")
 
 
+FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel we use
+
+
+def fused_kwargs(groups) -> dict:
+    """`{"fused": True}` when every parameter is a floating tensor on a device with torch's fused
+    AdamW kernel (one pass over each tensor instead of a dozen elementwise ops: 5x faster than the
+    single-tensor path on 35 M parameters on 2 CPU threads, docs/performance.md), else `{}`."""
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    ok = bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    return {"fused": True} if ok else {}
+
+
+def adamw(groups, cls: type[torch.optim.AdamW] = torch.optim.AdamW, **kwargs) -> torch.optim.AdamW:
+    """AdamW (`cls`, a subclass allowed) over `groups`, fused where the device has the kernel."""
+    groups = list(groups)
+    return cls(groups, **kwargs, **fused_kwargs(groups))
+
+
 def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> tuple[GuardedAdamW, GuardedLambdaLR]:
-    """The pre-training optimizer (AdamW over `param_groups`, skippable) and its schedule (`lr_lambda`)."""
-    optimizer = GuardedAdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    """The pre-training optimizer (AdamW over `param_groups`, skippable, fused where the device has
+    the kernel) and its schedule (`lr_lambda`)."""
+    optimizer = adamw(param_groups(model, t.weight_decay), GuardedAdamW, lr=t.lr, betas=(t.beta1, t.beta2),
+                      eps=t.eps)
     return optimizer, GuardedLambdaLR(optimizer, lr_lambda(t))

@@ -5,6 +5,7 @@ over seeds, in percent, at the best lr of each sweep (highest median score; samp
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import platform
 from pathlib import Path
@@ -99,7 +100,7 @@ def _pretraining(out: Path, rc: dict, key: str, runs: dict[str, dict]) -> dict[s
         ev, steps, tokens = done.get("eval") or {}, 0, 0
     elif key == "baseline_aligned":
         al = read_json(aligned_dir(out) / "done.json")
-        long = runs.get("baseline_long")
+        long = runs.get(al.get("source", "baseline_long")) if al else None
         if not al or not long:
             return {}
         ev = next((e for e in long.get("eval_history", []) if e["step"] == al["step"]), {})
@@ -337,15 +338,22 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
     al = read_json(aligned_dir(out) / "done.json")
     md += [HEADINGS[3], ""]
     if al:
-        md += [f"Pre-training-performance alignment: the baseline is trained {rc['align']['factor']:g}× longer "
-               f"({al['long_steps']} steps, eval + checkpoint every {rc['align']['every']}); the earliest "
-               "checkpoint whose val MLM loss <= the student's final val MLM loss is taken.", "",
-               md_table(["model", "steps", "val MLM loss", "note"], [
-                   [LABELS["tcd"], al["student_steps"], fmt(al["target"]), "target"],
-                   [LABELS["baseline"], al["baseline_steps"], fmt(al["baseline_val"]), "same steps as the student"],
-                   [LABELS["baseline_long"], al["long_steps"], fmt(al["long_val"]), "end of the long run"],
-                   [LABELS["baseline_aligned"], al["step"], fmt(al["mlm_loss"]),
-                    "reached the target" if al["reached"] else "**did not reach the target**: last checkpoint"]]), ""]
+        rows = [[LABELS["tcd"], al["student_steps"], fmt(al["target"]), "target"],
+                [LABELS["baseline"], al["baseline_steps"], fmt(al["baseline_val"]), "same steps as the student"]]
+        if al.get("long_steps"):
+            md += [f"Pre-training-performance alignment: the epoch-aligned baseline does not reach the student's "
+                   f"val MLM loss, so a baseline is trained {rc['align']['factor']:g}× longer ({al['long_steps']} "
+                   f"steps, eval + checkpoint every {rc['align']['every']}); the earliest checkpoint whose val "
+                   "MLM loss <= the student's final val MLM loss is taken.", ""]
+            rows.append([LABELS["baseline_long"], al["long_steps"], fmt(al["long_val"]), "end of the long run"])
+        else:
+            md += ["Pre-training-performance alignment: the epoch-aligned baseline already reaches the student's "
+                   "val MLM loss, so the earliest of its own checkpoints (eval + checkpoint every "
+                   f"{math.gcd(rc['align']['every'], rc['trend']['every'])} steps) whose val MLM loss <= the "
+                   "student's final val MLM loss is taken; no longer run is needed.", ""]
+        rows.append([LABELS["baseline_aligned"], al["step"], fmt(al["mlm_loss"]),
+                     "reached the target" if al["reached"] else "**did not reach the target**: last checkpoint"])
+        md += [md_table(["model", "steps", "val MLM loss", "note"], rows), ""]
     else:
         md += ["(not run)", ""]
 

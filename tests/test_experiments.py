@@ -26,6 +26,73 @@ def _hist(*points):
     return [{"step": s, "val": {"mlm_loss": v}} for s, v in points]
 
 
+class _FakeAlignPipeline:
+    """Just enough of `Pipeline` for `step_align`: trainings are recorded (and write a summary and
+    checkpoints as a finished run would), units run their work and keep done.json."""
+
+    def __init__(self, out: Path, rc: dict, long_history=None):
+        self.out, self.rc, self.trained, self.long_history = out, rc, [], long_history
+
+    def train(self, run_dir: Path, mode: str, extra: list[str], teacher: bool = False) -> dict:
+        self.trained.append((run_dir.name, mode, extra))
+        _finished_run(run_dir, self.long_history)
+        return {}
+
+    def unit(self, directory: Path, fingerprint, work):
+        directory.mkdir(parents=True, exist_ok=True)
+        done = work()
+        (directory / "done.json").write_text(json.dumps(done))
+        return done
+
+
+def _finished_run(run_dir: Path, history) -> None:
+    for step, _ in history:
+        tag = run_dir / "checkpoints" / f"step_{step:08d}"
+        tag.mkdir(parents=True, exist_ok=True)
+        (tag / "complete.json").write_text("{}")
+    (run_dir / "summary.json").write_text(json.dumps({
+        "eval_history": _hist(*history), "eval": {"val": {"mlm_loss": history[-1][1]}}}))
+
+
+def _align_rc() -> dict:
+    return {"_steps": 30, "align": {"factor": 2.0, "every": 10}, "trend": {"every": 15}, "ablations": {"positions": []}}
+
+
+def test_align_takes_the_baselines_own_checkpoint_when_it_reaches_the_student(tmp_path, monkeypatch):
+    exported = []
+    monkeypatch.setattr("tcd_ds.checkpoint.export_checkpoint", lambda tag, dst: exported.append(tag))
+    dirs = ex.run_dirs(tmp_path, _align_rc())
+    _finished_run(dirs["baseline"], [(10, 4.0), (20, 3.5), (30, 3.2)])
+    _finished_run(dirs["tcd"], [(10, 4.1), (20, 3.8), (30, 3.6)])  # student worse at MLM
+    p = _FakeAlignPipeline(tmp_path, _align_rc())
+    ex.step_align(p)
+    assert p.trained == []  # no longer baseline is trained
+    done = json.loads((ex.aligned_dir(tmp_path) / "done.json").read_text())
+    assert done["source"] == "baseline" and done["step"] == 20 and done["reached"] is True
+    assert done["long_steps"] is None and exported == [dirs["baseline"] / "checkpoints" / "step_00000020"]
+
+
+def test_align_trains_a_longer_baseline_when_the_student_is_better(tmp_path, monkeypatch):
+    exported = []
+    monkeypatch.setattr("tcd_ds.checkpoint.export_checkpoint", lambda tag, dst: exported.append(tag))
+    dirs = ex.run_dirs(tmp_path, _align_rc())
+    _finished_run(dirs["baseline"], [(10, 4.0), (20, 3.5), (30, 3.2)])
+    _finished_run(dirs["tcd"], [(10, 3.9), (20, 3.3), (30, 3.0)])  # student better at MLM
+    p = _FakeAlignPipeline(tmp_path, _align_rc(), long_history=[(10, 4.0), (20, 3.4), (30, 3.1), (40, 3.0),
+                                                                 (50, 2.9), (60, 2.8)])
+    ex.step_align(p)
+    assert [(name, mode) for name, mode, _ in p.trained] == [("baseline_long", "moe")]
+    assert "train.max_steps=60" in p.trained[0][2] and "train.eval_every=10" in p.trained[0][2]
+    done = json.loads((ex.aligned_dir(tmp_path) / "done.json").read_text())
+    assert done["source"] == "baseline_long" and done["step"] == 40 and done["long_steps"] == 60
+    assert exported == [dirs["baseline_long"] / "checkpoints" / "step_00000040"]
+
+
+def test_pretrain_evaluates_and_keeps_checkpoints_at_the_align_and_trend_cadence():
+    cadence = ex._pretrain_cadence(_align_rc())  # gcd(10, 15) = 5 over 30 steps
+    assert cadence == ["train.eval_every=5", "train.save_every=5", "train.keep_checkpoints=7"]
+
+
 def test_select_aligned_takes_earliest_saved_checkpoint_at_or_below_target():
     h = _hist((10, 5.0), (20, 4.2), (30, 3.9), (40, 3.5))
     assert ex.select_aligned(h, [10, 20, 30, 40], 4.0) == {"step": 30, "mlm_loss": 3.9, "target": 4.0,

@@ -2,6 +2,7 @@
 gradient through the trainer's step (DeepSpeed engines in this process, a gloo world of one)."""
 from __future__ import annotations
 
+import copy
 import json
 import re
 from datetime import timedelta
@@ -12,7 +13,7 @@ import torch
 import torch.distributed as td
 
 from tcd_ds import train as trainer
-from tcd_ds.config import DistillConfig, ModelConfig, build_config
+from tcd_ds.config import DistillConfig, ModelConfig, MoEConfig, build_config
 from tcd_ds.distill.objective import RelationObjective
 from tcd_ds.distill.taps import Taps, tap_points
 from tcd_ds.distill.teacher import FrozenTeacher
@@ -224,3 +225,27 @@ def test_router_gradient_includes_the_router_losses_through_the_trainer_step(wor
     expected = _expected_router_loss_grad(h, router, aux_weight, z_weight)
     assert expected.abs().max() > 1e-4  # the router losses do pull on the router
     torch.testing.assert_close(full - without, expected, rtol=1e-3, atol=1e-6 * float(expected.abs().max()) + 1e-7)
+
+
+def test_fused_adamw_is_used_on_cpu_and_equals_the_single_tensor_path_in_float64():
+    from tcd_ds.optim import GuardedAdamW, adamw, fused_kwargs
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(ModelConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
+                                        intermediate_size=32, max_position=16,
+                                        moe=MoEConfig(num_experts=4, top_k=1))).double()
+    groups = param_groups(model, 0.01)
+    opt = adamw(groups, GuardedAdamW, lr=1e-2, betas=(0.9, 0.98), eps=1e-8)
+    assert isinstance(opt, GuardedAdamW) and opt.defaults["fused"] is True
+    assert fused_kwargs([torch.zeros(2, dtype=torch.long)]) == {}  # no kernel for integer tensors
+    ref_model = copy.deepcopy(model)
+    ref = torch.optim.AdamW(param_groups(ref_model, 0.01), lr=1e-2, betas=(0.9, 0.98), eps=1e-8, foreach=False)
+    for step in range(5):
+        for m, o in ((model, opt), (ref_model, ref)):
+            gen = torch.Generator().manual_seed(step)
+            for p in m.parameters():
+                p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            o.step()
+    for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
+    assert any(g["weight_decay"] == 0 for g in opt.param_groups) and any(g["weight_decay"] > 0 for g in opt.param_groups)
