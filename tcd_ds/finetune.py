@@ -26,7 +26,8 @@ decay to 0, gradient clipping at
 `--max-grad-norm`, dropout as in the model's config, fp32. Each run is seeded: `torch.manual_seed`
 before the heads are initialised (and for dropout), plus a separate seeded generator for the
 shuffling, so a seed gives the same numbers again on the same machine and thread count (CPU; CUDA
-kernels are not guaranteed bitwise reproducible). Batches are padded per batch (dynamic padding).
+kernels are not guaranteed bitwise reproducible). Batches are padded per batch (dynamic padding), and by
+default (`--batching length`) hold examples of similar length: see `epoch_order`.
 
 Evaluation runs at the end of every epoch on `--eval-split` (default `dev`). **The value a run
 reports is the eval metrics at the end of its last epoch** (no early stopping, no selection on the
@@ -199,6 +200,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=f"vocab.txt (default: {VOCAB_FILENAME} in --model if present, else {DEFAULT_VOCAB}, "
                         "relative to the working directory or else to the repository root)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=32, help="examples per step")
+    p.add_argument("--batching", choices=("length", "random"), default="length",
+                   help="length: batches of similar-length examples, in random order (less padding); "
+                        "random: a plain shuffle")
     p.add_argument("--max-seq-len", type=_int_at_least(8), default=128, help="tokens per example (truncated)")
     p.add_argument("--warmup-ratio", type=_fraction, default=0.1, help="linear warm-up over this share of the steps")
     p.add_argument("--weight-decay", type=_non_negative, default=0.01, help="AdamW weight decay")
@@ -316,6 +320,26 @@ def _batches(data: list[dict[str, Any]], batch_size: int, order: Sequence[int] |
         yield [data[i] for i in idx[start:start + batch_size]]
 
 
+GROUP_BATCHES = 50  # --batching length: batches per megabatch sorted by length (Hugging Face's group_by_length)
+
+
+def epoch_order(lengths: Sequence[int], batch_size: int, gen: torch.Generator, batching: str) -> list[int]:
+    """One epoch's example order, consumed `batch_size` at a time. `random`: a permutation.
+    `length`: the permutation cut into megabatches of GROUP_BATCHES batches, each sorted by length
+    (longest first), and the batches of all megabatches shuffled, so a batch holds examples of similar
+    length (padding on SST-2: 3.0x the real tokens with random batches, 1.05x grouped) while which
+    examples meet and the order of the batches stay random."""
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    if batching == "random":
+        return order
+    mega = batch_size * GROUP_BATCHES
+    batches = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start:start + mega], key=lambda i: -lengths[i])
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    return [i for b in torch.randperm(len(batches), generator=gen).tolist() for i in batches[b]]
+
+
 def evaluate(model: nn.Module, spec: TaskSpec, eval_sets: dict[str, list[dict[str, Any]]],
              batch_size: int, pad_id: int, device: torch.device) -> dict[str, float]:
     """The task's metrics on each eval set (MNLI m/mm: `accuracy_m`, `accuracy_mm`, `accuracy`)."""
@@ -371,7 +395,8 @@ class Progress:
 def train_one(model: nn.Module, spec: TaskSpec, train: list[dict[str, Any]],
               eval_sets: dict[str, list[dict[str, Any]]], *, lr: float, seed: int, epochs: int,
               batch_size: int, warmup_ratio: float, weight_decay: float, max_grad_norm: float,
-              pad_id: int, device: torch.device, tag: str = "", progress_seconds: float = 30.0) -> dict[str, Any]:
+              pad_id: int, device: torch.device, tag: str = "", progress_seconds: float = 30.0,
+              batching: str = "length") -> dict[str, Any]:
     """Fine-tune `model` (already seeded and built) and evaluate after every epoch. Returns the
     final (last-epoch) metrics, the best epoch and the per-epoch history."""
     gen = torch.Generator().manual_seed(seed)
@@ -386,7 +411,7 @@ def train_one(model: nn.Module, spec: TaskSpec, train: list[dict[str, Any]],
     for epoch in range(1, epochs + 1):
         model.train()
         loss_sum = aux_sum = 0.0
-        order = torch.randperm(len(train), generator=gen).tolist()
+        order = epoch_order([len(x["input_ids"]) for x in train], batch_size, gen, batching)
         for step, items in enumerate(_batches(train, batch_size, order), 1):
             batch = {k: v.to(device) for k, v in collate(items, pad_id, spec.is_regression).items()}
             loss, _, aux = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
@@ -578,7 +603,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     train = encode_examples(tokenizer, train_ex, args.max_seq_len, spec.is_regression)
     eval_sets = {s: encode_examples(tokenizer, ex, args.max_seq_len, spec.is_regression) for s, ex in eval_ex.items()}
 
-    settings = {"batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
+    settings = {"batch_size": args.batch_size, "batching": args.batching, "max_seq_len": args.max_seq_len,
                 "warmup_ratio": args.warmup_ratio, "weight_decay": args.weight_decay,
                 "max_grad_norm": args.max_grad_norm, "max_train_examples": args.max_train_examples,
                 "max_eval_examples": args.max_eval_examples, "eval_split": args.eval_split.lower(),
@@ -609,7 +634,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             result = train_one(model, spec, train, eval_sets, lr=lr, seed=seed, epochs=args.epochs,
                                batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,
                                weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-                               pad_id=ids.pad, device=device, tag=tag, progress_seconds=args.progress_seconds)
+                               pad_id=ids.pad, device=device, tag=tag, progress_seconds=args.progress_seconds,
+                               batching=args.batching)
             record = {"task": spec.name, "model": model_path, "lr": lr, "seed": seed, "epochs": args.epochs,
                       "settings": settings, "num_train": len(train), **result}
             _append_run(runs_file, record)

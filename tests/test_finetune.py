@@ -407,3 +407,24 @@ def test_idle_cores_reads_proc_stat(monkeypatch) -> None:
     monkeypatch.setattr(finetune.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     # cores 0 and 1 (cpu2 is outside the affinity): 10 + 50 idle jiffies of 200 -> 0.6 of 2 cores
     assert finetune.idle_cores(0.0) == pytest.approx(0.6)
+
+
+def test_length_batching_is_a_permutation_of_similar_length_batches_in_random_order():
+    from tcd_ds.finetune import GROUP_BATCHES, epoch_order
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 60, (GROUP_BATCHES * 8 * 3 + 5,), generator=gen).tolist()
+    bs = 8
+    order = epoch_order(lengths, bs, torch.Generator().manual_seed(1), "length")
+    assert sorted(order) == list(range(len(lengths)))  # every example once
+    batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    rand = epoch_order(lengths, bs, torch.Generator().manual_seed(1), "random")
+    assert rand == torch.randperm(len(lengths), generator=torch.Generator().manual_seed(1)).tolist()
+    rand_padded = sum(max(lengths[i] for i in rand[j:j + bs]) * len(rand[j:j + bs]) for j in range(0, len(rand), bs))
+    assert padded < 1.15 * sum(lengths) < rand_padded  # grouped: little padding; random: much more
+    firsts = [lengths[b[0]] for b in batches]
+    assert firsts != sorted(firsts, reverse=True) and firsts != sorted(firsts)  # the batches' order is shuffled
+    again = epoch_order(lengths, bs, torch.Generator().manual_seed(1), "length")
+    other = epoch_order(lengths, bs, torch.Generator().manual_seed(2), "length")
+    assert again == order and other != order  # seeded
