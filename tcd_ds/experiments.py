@@ -67,6 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "glue": {"dir": "../shared/data/glue", "tasks": ["CoLA", "SST-2", "MRPC", "WNLI", "QNLI"],
              "lrs": [1e-4], "seeds": [1, 2, 3], "epochs": 2, "max_train_examples": 0,
              "max_eval_examples": 0, "batch_size": 32, "max_seq_len": 128, "include_aligned": True,
+             "threads": 0,  # OMP_NUM_THREADS of each fine-tuning process (0: the experiment's `threads`)
              "include_random": True,
              # per-task lrs / epochs overriding the two above, e.g. {SST-2: {lrs: [3e-4], epochs: 1}}; on the
              # command line: glue.per_task="SST-2:lrs=3e-4,epochs=1;CoLA:epochs=5"
@@ -280,8 +281,8 @@ def validate(rc: dict) -> None:
     from tcd_ds.config import ConfigError, build_config
     from tcd_ds.data.glue import GlueDataError, get_task
 
-    if rc["ranks"] < 1 or rc["jobs"] < 1 or rc["threads"] < 0:
-        raise ExperimentError("ranks and jobs must be >= 1, threads >= 0")
+    if rc["ranks"] < 1 or rc["jobs"] < 1 or rc["threads"] < 0 or rc["glue"]["threads"] < 0:
+        raise ExperimentError("ranks and jobs must be >= 1, threads and glue.threads >= 0")
     if rc["analyze"]["sequences"] < 1:
         raise ExperimentError(f"analyze.sequences must be >= 1, got {rc['analyze']['sequences']}")
     if rc["ds_config"] != "auto":
@@ -357,9 +358,12 @@ class Pipeline:
         self.step = ""
         self.running: list = []  # (process, log file, finish callback) of fine-tuning units
 
-    def env(self) -> dict[str, str]:
-        threads = {"OMP_NUM_THREADS": str(self.rc["threads"])} if self.rc["threads"] else {}
-        return {**os.environ, "PYTHONUNBUFFERED": "1", **threads}
+    def env(self, threads: int | None = None) -> dict[str, str]:
+        threads = self.rc["threads"] if threads is None else threads
+        return {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+
+    def finetune_threads(self) -> int:
+        return self.rc["glue"]["threads"] or self.rc["threads"]
 
     def say(self, text: str) -> None:
         print(f"[{format_duration(time.perf_counter() - self.t0)}] {text}", flush=True)
@@ -470,7 +474,7 @@ class Pipeline:
                 "--epochs", str(task_settings(self.rc, task)["epochs"]),
                 "--out", str(out_dir.resolve()), "--max-train-examples", str(g["max_train_examples"]),
                 "--max-eval-examples", str(g["max_eval_examples"]), "--batch-size", str(g["batch_size"]),
-                "--max-seq-len", str(g["max_seq_len"]), "--threads", str(self.rc["threads"])]
+                "--max-seq-len", str(g["max_seq_len"]), "--threads", str(self.finetune_threads())]
 
         def start() -> None:
             if before:
@@ -480,7 +484,7 @@ class Pipeline:
             out_dir.mkdir(parents=True, exist_ok=True)
             log = open(out_dir / "finetune.log", "a")
             proc = subprocess.Popen([sys.executable, "-m", "tcd_ds.finetune", *argv], stdout=log,
-                                    stderr=subprocess.STDOUT, env=self.env())
+                                    stderr=subprocess.STDOUT, env=self.env(self.finetune_threads()))
             self.running.append((proc, log, finish))
 
         def finish(proc) -> dict:

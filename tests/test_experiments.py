@@ -297,3 +297,29 @@ def test_results_json_holds_models_comparisons_and_the_transfer_diagnostic(pipel
     assert set(res["analysis"]["tcd"]["wikitext2"]) == {"T", "I", "A"}
     text = (out / "report.md").read_text()
     assert "## Relations to the teacher" in text and "## Comparisons" in text and "Random init" in text
+
+
+def test_fine_tuning_processes_get_glue_threads_and_trainers_keep_threads(tmp_path, monkeypatch):
+    _, rc = ex.load("tiny", ["threads=2", "glue.threads=1", "jobs=2"])
+    p = ex.Pipeline("tiny", rc, tmp_path)
+    p.step = "glue"
+    seen = []
+
+    class FakeProc:
+        returncode = 0
+
+        def __init__(self, argv, stdout, stderr, env):
+            seen.append((argv, env))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(ex.subprocess, "Popen", FakeProc)
+    p.finetune(tmp_path / "model", "MRPC", tmp_path / "ft")
+    argv, env = seen[0]
+    assert argv[argv.index("--threads") + 1] == "1" and env["OMP_NUM_THREADS"] == "1"
+    assert p.env()["OMP_NUM_THREADS"] == "2"  # trainer ranks
+    _, rc = ex.load("tiny", ["threads=2"])
+    assert ex.Pipeline("tiny", rc, tmp_path).finetune_threads() == 2  # 0: the experiment's threads
+    with pytest.raises(ex.ExperimentError, match="glue.threads >= 0"):
+        ex.load("tiny", ["glue.threads=-1"])
