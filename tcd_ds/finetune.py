@@ -408,10 +408,11 @@ def train_one(model: nn.Module, spec: TaskSpec, train: list[dict[str, Any]],
     history: list[dict[str, Any]] = []
     start = time.perf_counter()
     progress = Progress(tag, steps_per_epoch, epochs, progress_seconds)
+    lengths = [len(x["input_ids"]) for x in train]
     for epoch in range(1, epochs + 1):
         model.train()
         loss_sum = aux_sum = 0.0
-        order = epoch_order([len(x["input_ids"]) for x in train], batch_size, gen, batching)
+        order = epoch_order(lengths, batch_size, gen, batching)
         for step, items in enumerate(_batches(train, batch_size, order), 1):
             batch = {k: v.to(device) for k, v in collate(items, pad_id, spec.is_regression).items()}
             loss, _, aux = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],

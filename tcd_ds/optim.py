@@ -126,8 +126,8 @@ FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel we use
 
 def fused_kwargs(groups) -> dict:
     """`{"fused": True}` when every parameter is a floating tensor on a device with torch's fused
-    AdamW kernel (one pass over each tensor instead of a dozen elementwise ops: 5x faster than the
-    single-tensor path on 35 M parameters on 2 CPU threads, docs/performance.md), else `{}`."""
+    AdamW kernel (one pass over each tensor instead of a dozen elementwise ops; measured 5x faster
+    than the single-tensor path on 35 M parameters on 2 CPU threads), else `{}`."""
     params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
     ok = bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
     return {"fused": True} if ok else {}

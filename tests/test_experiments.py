@@ -58,12 +58,23 @@ def _align_rc() -> dict:
     return {"_steps": 30, "align": {"factor": 2.0, "every": 10}, "trend": {"every": 15}, "ablations": {"positions": []}}
 
 
-def test_align_takes_the_baselines_own_checkpoint_when_it_reaches_the_student(tmp_path, monkeypatch):
-    exported = []
-    monkeypatch.setattr("tcd_ds.checkpoint.export_checkpoint", lambda tag, dst: exported.append(tag))
-    dirs = ex.run_dirs(tmp_path, _align_rc())
+@pytest.fixture
+def exported(monkeypatch):
+    """The checkpoint tags step align exports (the export itself is not run)."""
+    tags = []
+    monkeypatch.setattr("tcd_ds.checkpoint.export_checkpoint", lambda tag, dst: tags.append(tag))
+    return tags
+
+
+def _baseline_and_student(out: Path, student) -> dict:
+    dirs = ex.run_dirs(out, _align_rc())
     _finished_run(dirs["baseline"], [(10, 4.0), (20, 3.5), (30, 3.2)])
-    _finished_run(dirs["tcd"], [(10, 4.1), (20, 3.8), (30, 3.6)])  # student worse at MLM
+    _finished_run(dirs["tcd"], student)
+    return dirs
+
+
+def test_align_takes_the_baselines_own_checkpoint_when_it_reaches_the_student(tmp_path, exported):
+    dirs = _baseline_and_student(tmp_path, [(10, 4.1), (20, 3.8), (30, 3.6)])  # student worse at MLM
     p = _FakeAlignPipeline(tmp_path, _align_rc())
     ex.step_align(p)
     assert p.trained == []  # no longer baseline is trained
@@ -72,12 +83,8 @@ def test_align_takes_the_baselines_own_checkpoint_when_it_reaches_the_student(tm
     assert done["long_steps"] is None and exported == [dirs["baseline"] / "checkpoints" / "step_00000020"]
 
 
-def test_align_trains_a_longer_baseline_when_the_student_is_better(tmp_path, monkeypatch):
-    exported = []
-    monkeypatch.setattr("tcd_ds.checkpoint.export_checkpoint", lambda tag, dst: exported.append(tag))
-    dirs = ex.run_dirs(tmp_path, _align_rc())
-    _finished_run(dirs["baseline"], [(10, 4.0), (20, 3.5), (30, 3.2)])
-    _finished_run(dirs["tcd"], [(10, 3.9), (20, 3.3), (30, 3.0)])  # student better at MLM
+def test_align_trains_a_longer_baseline_when_the_student_is_better(tmp_path, exported):
+    dirs = _baseline_and_student(tmp_path, [(10, 3.9), (20, 3.3), (30, 3.0)])  # student better at MLM
     p = _FakeAlignPipeline(tmp_path, _align_rc(), long_history=[(10, 4.0), (20, 3.4), (30, 3.1), (40, 3.0),
                                                                  (50, 2.9), (60, 2.8)])
     ex.step_align(p)
