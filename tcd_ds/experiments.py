@@ -69,8 +69,8 @@ DEFAULTS: dict[str, Any] = {
              "max_eval_examples": 0, "batch_size": 32, "max_seq_len": 128, "include_aligned": True,
              "threads": 0,  # OMP_NUM_THREADS of each fine-tuning process (0: the experiment's `threads`)
              "include_random": True,
-             # per-task lrs / epochs overriding the two above, e.g. {SST-2: {lrs: [3e-4], epochs: 1}}; on the
-             # command line: glue.per_task="SST-2:lrs=3e-4,epochs=1;CoLA:epochs=5"
+             # per-task lrs / epochs / batch_size overriding glue's, e.g. {SST-2: {lrs: [3e-4], epochs: 1}};
+             # on the command line: glue.per_task="SST-2:lrs=3e-4,epochs=1,batch_size=128;CoLA:epochs=5"
              "per_task": {}},
 }
 LIST_TYPES = {"ablations.positions": str, "ablations.tasks": str, "trend.lrs": float, "trend.seeds": int,
@@ -141,11 +141,12 @@ def _merge(base: dict, data: Any, prefix: str = "") -> None:
             base[key] = _coerce(prefix + key, DEFAULTS_FLAT[prefix + key], value)
 
 
-PER_TASK_KEYS = {"lrs": float, "epochs": int}
+PER_TASK_KEYS = {"lrs": float, "epochs": int, "batch_size": int}
 
 
 def _per_task(value: Any) -> dict[str, dict[str, Any]]:
-    """`glue.per_task`: {task: {lrs: [...], epochs: n}}, from YAML or `"SST-2:lrs=3e-4,epochs=1;CoLA:epochs=5"`."""
+    """`glue.per_task`: {task: {lrs: [...], epochs: n, batch_size: n}}, from YAML or
+    `"SST-2:lrs=3e-4,epochs=1,batch_size=128;CoLA:epochs=5"`."""
     if isinstance(value, str):
         parsed: dict[str, dict[str, Any]] = {}
         for item in filter(None, (x.strip() for x in value.split(";"))):
@@ -168,7 +169,7 @@ def _per_task(value: Any) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for task, settings in value.items():
         if not isinstance(settings, dict):
-            raise ExperimentError(f"glue.per_task.{task} must be a mapping of lrs / epochs")
+            raise ExperimentError(f"glue.per_task.{task} must be a mapping of lrs / epochs / batch_size")
         entry = {}
         for k, v in settings.items():
             if k not in PER_TASK_KEYS:
@@ -189,9 +190,9 @@ def _per_task(value: Any) -> dict[str, dict[str, Any]]:
 
 
 def task_settings(rc: dict, task: str) -> dict[str, Any]:
-    """lrs and epochs of `task`'s fine-tuning: glue.per_task's, else glue's."""
+    """lrs, epochs and batch size of `task`'s fine-tuning: glue.per_task's, else glue's."""
     g = rc["glue"]
-    return {"lrs": g["lrs"], "epochs": g["epochs"], **g["per_task"].get(task, {})}
+    return {"lrs": g["lrs"], "epochs": g["epochs"], "batch_size": g["batch_size"], **g["per_task"].get(task, {})}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -310,9 +311,9 @@ def validate(rc: dict) -> None:
             if name in per_task:
                 raise ExperimentError(f"glue.per_task names {name} twice")
             if any(not lr > 0 for lr in settings.get("lrs", [1.0])) or settings.get("lrs") == [] or \
-                    settings.get("epochs", 1) < 1:
-                raise ExperimentError(f"glue.per_task.{task}: lrs must be a non-empty list of values > 0 and "
-                                      "epochs >= 1")
+                    settings.get("epochs", 1) < 1 or settings.get("batch_size", 1) < 1:
+                raise ExperimentError(f"glue.per_task.{task}: lrs must be a non-empty list of values > 0, "
+                                      "epochs and batch_size >= 1")
             per_task[name] = settings
         g["per_task"] = per_task
     except GlueDataError as err:
@@ -467,13 +468,13 @@ class Pipeline:
 
     def finetune(self, model_dir: Path, task: str, out_dir: Path, lrs=None, seeds=None,
                  before: Callable[[], None] | None = None) -> None:
-        g = self.rc["glue"]
+        g, ts = self.rc["glue"], task_settings(self.rc, task)
         argv = ["--model", str(model_dir.resolve()), "--task", task, "--glue-dir", g["dir"],
-                "--lrs", ",".join(f"{x:g}" for x in (lrs or task_settings(self.rc, task)["lrs"])),
+                "--lrs", ",".join(f"{x:g}" for x in (lrs or ts["lrs"])),
                 "--seeds", ",".join(map(str, seeds or g["seeds"])),
-                "--epochs", str(task_settings(self.rc, task)["epochs"]),
+                "--epochs", str(ts["epochs"]),
                 "--out", str(out_dir.resolve()), "--max-train-examples", str(g["max_train_examples"]),
-                "--max-eval-examples", str(g["max_eval_examples"]), "--batch-size", str(g["batch_size"]),
+                "--max-eval-examples", str(g["max_eval_examples"]), "--batch-size", str(ts["batch_size"]),
                 "--max-seq-len", str(g["max_seq_len"]), "--threads", str(self.finetune_threads())]
 
         def start() -> None:

@@ -330,3 +330,31 @@ def test_fine_tuning_processes_get_glue_threads_and_trainers_keep_threads(tmp_pa
     assert ex.Pipeline("tiny", rc, tmp_path).finetune_threads() == 2  # 0: the experiment's threads
     with pytest.raises(ex.ExperimentError, match="glue.threads >= 0"):
         ex.load("tiny", ["glue.threads=-1"])
+
+
+def test_per_task_lrs_epochs_and_batch_size_reach_the_fine_tuning_command(tmp_path, monkeypatch):
+    _, rc = ex.load("tiny", ["glue.batch_size=32", "glue.epochs=3",
+                             "glue.per_task=SST-2:lrs=3e-4,1e-4,epochs=1,batch_size=128"])
+    assert rc["glue"]["per_task"] == {"SST-2": {"lrs": [3e-4, 1e-4], "epochs": 1, "batch_size": 128}}
+    p = ex.Pipeline("tiny", rc, tmp_path)
+    p.step = "glue"
+    seen = []
+
+    class FakeProc:
+        returncode = 0
+
+        def __init__(self, argv, stdout, stderr, env):
+            seen.append(argv)
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(ex.subprocess, "Popen", FakeProc)
+    for task in ("SST-2", "MRPC"):
+        p.finetune(tmp_path / "model", task, tmp_path / task)
+    flag = lambda argv, name: argv[argv.index(name) + 1]  # noqa: E731
+    assert [(flag(a, "--lrs"), flag(a, "--epochs"), flag(a, "--batch-size")) for a in seen] == \
+        [("0.0003,0.0001", "1", "128"), (",".join(f"{x:g}" for x in rc["glue"]["lrs"]), "3", "32")]
+    for bad in ("SST-2:batch_size=0", "SST-2:batch_size=two"):
+        with pytest.raises(ex.ExperimentError, match="batch_size"):
+            ex.load("tiny", [f"glue.per_task={bad}"])
