@@ -42,6 +42,9 @@ def test_every_section_present_and_finite(quick):
         assert result["machine"][key] not in (None, "")
     _finite_numbers(result)
     for name, sec in result["sections"].items():
+        if sec.get("status") == "skipped":  # finetune without ../shared/data: says why
+            assert name == "finetune" and "real data not found" in sec["skip_reason"], sec
+            continue
         assert sec["rows"], name
         assert "| " in sec["table"] and sec["title"], name
 
@@ -124,6 +127,51 @@ def test_markdown_has_every_section(quick):
     for sec in result["sections"].values():
         assert f"## {sec['title']}" in md
         assert sec["table"].splitlines()[0] in md
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_finetune_rows(quick, shared_data):
+    from tcd_ds.bench import finetune
+
+    sec = quick[0]["sections"]["finetune"]
+    rows = sec["rows"]
+    assert {(r["recipe"], r["mode"], r["variant"]) for r in rows} == \
+        {(rc, m, v) for rc in finetune.QUICK["recipes"] for m in ("vanilla", "moe") for v in finetune.VARIANTS}
+    for r in rows:
+        assert r["examples"] == finetune.QUICK["examples"] and r["examples_per_second"] > 0
+        assert r["real_tokens"] > r["examples"] * 3  # real sentences, not empty rows
+    assert not sec["targets"]  # the SST-2 target is the small MoE's, not in the quick run
+
+
+def _fake_section(name, value):
+    return {"name": name, "title": name.title(), "rows": [{"x": value}], "table": f"| {name} |", "notes": [],
+            "wall_s": 1.0, "loadavg_before": None, "loadavg_after": None,
+            "targets": [{"target": f"{name} target", "value": value, "value_min": None, "threshold": 1.0,
+                         "op": ">=", "unit": "", "met": value >= 1.0, "bound": ""}]}
+
+
+def test_merge_keeps_sections_not_rerun_and_replaces_those_rerun():
+    machine = {"cpu_model": "Old CPU", "isa": ["avx2"], "cpu_count": 2}
+    old = {"started": "2026-01-01T00:00:00+00:00", "machine": machine,
+           "sections": {"peer": _fake_section("peer", 3.0), "relation": _fake_section("relation", 0.5)}}
+    new = {"started": "2026-02-02T00:00:00+00:00", "machine": dict(machine, cpu_model="New CPU"),
+           "sections": {"relation": _fake_section("relation", 2.0)}, "targets": []}
+    merged = suite.merge(old, new)
+    assert list(merged["sections"]) == ["relation", "peer"]  # suite order
+    assert merged["sections"]["relation"]["rows"] == [{"x": 2.0}]  # re-run: the new one
+    assert merged["sections"]["peer"]["started"] == "2026-01-01T00:00:00+00:00"
+    assert [(t["section"], t["value"]) for t in merged["targets"]] == [("relation", 2.0), ("peer", 3.0)]
+    md = suite.markdown(dict(merged, quick=False, command=None, wall_s=2.0,
+                             machine=dict(new["machine"], platform="p", cpus_usable=2, python="3", torch="t",
+                                          deepspeed="d", transformers="x", torch_threads=1, loadavg_1_5_15=[0.0])))
+    assert "on Old CPU (avx2), 2 CPUs" in md.split("## Peer")[1]  # a kept section names its machine
+
+
+def test_merge_needs_an_existing_results_json(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        suite.main(["--quick", "--only", "relation", "--merge", "--out", str(tmp_path / "none.json")])
+    assert err.value.code == 2 and "--merge needs --out" in capsys.readouterr().err
 
 
 def test_unknown_section_is_an_error(capsys):

@@ -5,12 +5,14 @@ Sections (one module each in tcd_ds/bench/):
 - moe: one MoE layer forward+backward per backend (torch, grouped, deepspeed, megablocks) vs a dense FFN;
 - step: one training step of vanilla / moe / tcd at the tiny and small recipes, tokens/s and MFU;
 - scaling: the real trainer on 1 vs 2 CPU ranks (expert parallelism), tokens/s from summary.json;
-- peer: tcd-ds vanilla vs transformers.BertForMaskedLM, one training step each.
+- peer: tcd-ds vanilla vs transformers.BertForMaskedLM, one training step each;
+- finetune: fine-tuning examples/s (tiny and small, vanilla and MoE, MRPC and SST-2) per batching.
 
 Every section compares its variants inside one process run (scaling: one launch per variant),
 interleaved, and reports medians over repeats after warm-up. `--quick` runs tiny sizes with few
 repeats (CI); the default is the full run, by hand. Results: JSON (`--out`) and a markdown report
-(`--markdown`) with the tables, the targets, the exact commands and the machine.
+(`--markdown`) with the tables, the targets, the exact commands and the machine. `--merge` re-runs
+some sections and keeps the others from the existing `--out` JSON (each section says when it ran).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import torch
 from tcd_ds.bench.common import fmt, loadavg, machine_info, md_table
 from tcd_ds.cli import Parser, fail
 
-SECTIONS = ("relation", "moe", "step", "scaling", "peer")
+SECTIONS = ("relation", "moe", "step", "scaling", "peer", "finetune")
 
 
 def run_suite(only: Sequence[str] = SECTIONS, quick: bool = False, threads: int | None = None,
@@ -70,12 +72,32 @@ def _run(only: Sequence[str], quick: bool, step_recipes: Sequence[str] | None, c
             kwargs["launches"] = early
         section = module.section(quick=quick, **kwargs)
         section["wall_s"] = time.perf_counter() - t0
+        section["started"] = datetime.fromtimestamp(time.time() - section["wall_s"], timezone.utc).isoformat(
+            timespec="seconds")
+        section["cpu"] = _cpu(result["machine"])
         section["loadavg_before"], section["loadavg_after"] = load_before, loadavg()
         result["sections"][name] = section
         result["targets"] += [dict(t, section=name) for t in section.get("targets", [])]
     result["wall_s"] = time.perf_counter() - t_start
     result["machine"]["loadavg_end"] = loadavg()
     return result
+
+
+def merge(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`new`, plus the sections of `previous` it did not run (in suite order); targets follow the sections."""
+    sections = {**previous.get("sections", {}), **new["sections"]}
+    sections = {k: sections[k] for k in SECTIONS if k in sections}
+    for name, sec in sections.items():
+        if name not in new["sections"]:
+            sec.setdefault("started", previous.get("started"))
+            sec.setdefault("cpu", _cpu(previous.get("machine", {})))
+    targets = [dict(t, section=name) for name, sec in sections.items() for t in sec.get("targets", [])]
+    return {**new, "sections": sections, "targets": targets,
+            "wall_s": sum(sec.get("wall_s") or 0 for sec in sections.values())}
+
+
+def _cpu(m: dict[str, Any]) -> str:
+    return f"{m.get('cpu_model')} ({' '.join(m.get('isa') or [])}), {m.get('cpu_count')} CPUs"
 
 
 def _clean(x: Any) -> Any:
@@ -124,8 +146,9 @@ def markdown(result: dict[str, Any], bounds: dict[str, str] | None = None) -> st
         "medians over repeats after warm-up (min also shown); the load average of each section is given.",
         "",
         f"Re-run this report: `{result['command']}`" if result.get("command") else "",
-        "(one section: `--only relation`, or moe, step, scaling, peer; `--quick` is the CI smoke run of "
-        "tests/test_bench.py; `--step-recipes tiny,small,base` adds base to the step section).",
+        "(one section: `--only relation`, or moe, step, scaling, peer, finetune; `--merge` keeps the other "
+        "sections of `--out`; `--quick` is the CI smoke run of tests/test_bench.py; `--step-recipes "
+        "tiny,small,base` adds base to the step section).",
         "",
         "## Targets",
         "",
@@ -139,7 +162,10 @@ def markdown(result: dict[str, Any], bounds: dict[str, str] | None = None) -> st
         lines += [f"- {k}: {v}" for k, v in (bounds or {}).items()]
         lines.append("")
     for name, sec in result["sections"].items():
-        lines += [f"## {sec['title']}", "", f"`--only {name}`; {sec['wall_s']:.0f} s; load average "
+        when = f"run {sec['started']}; " if sec.get("started") else ""
+        if sec.get("cpu") and sec["cpu"] != _cpu(m):
+            when += f"on {sec['cpu']}; "
+        lines += [f"## {sec['title']}", "", f"`--only {name}`; {when}{sec['wall_s']:.0f} s; load average "
                   f"{sec['loadavg_before']} -> {sec['loadavg_after']}", "", sec["table"], ""]
         lines += [f"- {n}" for n in sec.get("notes", [])]
         lines.append("")
@@ -157,12 +183,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="torch intra-op threads (default: torch's default; 1 with --quick)")
     p.add_argument("--step-recipes", default=None,
                    help="recipes of the step section (default tiny,small; base runs with 8 experts, micro-batch 8)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the sections of the existing --out JSON that this run does not re-run")
     p.add_argument("--bounds", type=Path, default=None,
                    help="JSON {target: explanation} added under the targets table of the markdown report")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     if args.threads is not None and args.threads < 1:
         fail(f"--threads must be >= 1, got {args.threads}")
+    previous = None
+    if args.merge:
+        if not args.out or not args.out.is_file():
+            fail("--merge needs --out naming an existing results JSON")
+        try:
+            previous = json.loads(args.out.read_text())
+        except json.JSONDecodeError as err:
+            fail(f"--merge: {args.out} is not JSON: {err}")
     bounds = None
     if args.bounds:  # read before the suite runs, not after it
         try:
@@ -179,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if previous is not None:
+        result = merge(previous, result)
     result = _clean(result)
     report = markdown(result, bounds)
     if args.out:
