@@ -356,6 +356,33 @@ def build_engine(cfg: Config, model: BertForMaskedLM, ds_config: dict):
     return engine, optimizer, scheduler
 
 
+class PhaseClock:
+    """Wall seconds per phase of the steps (data, student, teacher, relation, backward, optimizer),
+    summed until `take()`. On CUDA each lap synchronizes first, so a phase holds its kernels."""
+
+    PHASES = ("data", "student", "teacher", "relation", "backward", "optimizer")
+
+    def __init__(self, device: torch.device | None = None):
+        self.sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else None
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self.mark = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """The time since the last lap goes to `phase`."""
+        if self.sync:
+            self.sync()
+        now = time.perf_counter()
+        self.seconds[phase] += now - self.mark
+        self.mark = now
+
+    def restart(self) -> None:
+        self.mark = time.perf_counter()
+
+    def take(self) -> dict[str, float]:
+        out, self.seconds = self.seconds, dict.fromkeys(self.PHASES, 0.0)
+        return out
+
+
 @dataclass
 class Trainer:
     """The built pieces of one run (`build`) and the loop's counters."""
@@ -377,6 +404,7 @@ class Trainer:
     skipped_total: int = 0
     in_a_row: int = 0
     step_time: float = 0.0  # seconds in steps, since this process started
+    clock: PhaseClock = dataclasses.field(default_factory=PhaseClock)  # the steps' time per phase
     last: dict = dataclasses.field(default_factory=dict)  # the last logged window
 
     @property
@@ -510,17 +538,23 @@ def tensorboard_tag(name: str) -> str:
 
 
 def forward_loss(engine, batch: dict, taps: Taps | None, teacher: FrozenTeacher | None,
-                 objective: RelationObjective | None):
+                 objective: RelationObjective | None, clock: PhaseClock | None = None):
     """One micro-batch forward: (loss, logged parts incl. every loss term, model output)."""
+    lap = clock.lap if clock else (lambda phase: None)
     inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     if taps:
         with taps:
             out = engine(*inputs, labels=batch["labels"])
-        rel, terms = objective(taps.captured, teacher(*inputs), batch["attention_mask"])
+        lap("student")
+        teacher_states = teacher(*inputs)
+        lap("teacher")
+        rel, terms = objective(taps.captured, teacher_states, batch["attention_mask"])
         loss = out.loss + rel
+        lap("relation")
     else:
         out, terms = engine(*inputs, labels=batch["labels"]), {}
         loss = out.loss
+        lap("student")
     parts = {"mlm": out.mlm_loss.detach(), "aux": out.aux_loss.detach(),
              "mlm_accuracy": out.correct / out.num_masked.clamp(min=1)}
     parts.update({term_name(k): v for k, v in terms.items()})
@@ -554,14 +588,16 @@ def train_step(t: Trainer, step: int) -> StepResult:
     a micro-batch with a non-finite term back-propagates an exact zero on every rank and the
     optimizer step is skipped (`GuardedAdamW`, also for non-finite gradients);
     `train.max_nonfinite_steps` skipped steps in a row stop the run."""
-    cfg, run, engine = t.cfg, t.run, t.engine
+    cfg, run, engine, clock = t.cfg, t.run, t.engine, t.clock
     t.optimizer.begin_step()
     sums, tokens, sample_sum, bad_terms, out = {}, 0, 0, [], None
+    clock.restart()  # the time between steps (logging, eval, saving) is not the step's
     for micro in range(cfg.train.grad_accum):
         indices = t.data.order.batch_indices(step - 1, micro, run.layout.rank)
         batch = make_batch(t.data, t.data.train, indices, cfg.seed, step - 1, run.layout.rank, micro,
                            cfg.data.mlm_probability, run.device)
-        loss, parts, out = forward_loss(engine, batch, t.taps, t.teacher, t.objective)
+        clock.lap("data")
+        loss, parts, out = forward_loss(engine, batch, t.taps, t.teacher, t.objective, clock)
         bad = nonfinite_terms(parts, run.device)
         if bad:
             bad_terms += [b for b in bad if b not in bad_terms]
@@ -569,7 +605,9 @@ def train_step(t: Trainer, step: int) -> StepResult:
             loss = sum((p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad),
                        torch.zeros((), device=run.device))
         engine.backward(loss)
-        engine.step()
+        clock.lap("backward")
+        engine.step()  # the optimizer step at the accumulation boundary (DeepSpeed's ZeRO reduction with it)
+        clock.lap("optimizer")
         if not bad:
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.train.grad_accum
@@ -601,6 +639,7 @@ class LogWindow:
     flops_per_token: float
     tokens: int = 0
     start: float = dataclasses.field(default_factory=time.perf_counter)
+    first_step: int = 1  # the window's first step
 
     def add(self, result: StepResult) -> None:
         self.tokens += result.tokens
@@ -617,6 +656,8 @@ def log_window(t: Trainer, window: LogWindow, step: int, result: StepResult) -> 
     tps = seen / elapsed
     logged.update({"lr": t.scheduler.get_last_lr()[0], "grad_norm": float(t.engine.get_global_grad_norm() or 0.0),
                    "tokens_per_second": tps, "tokens": t.tokens})
+    steps = step - window.first_step + 1
+    logged.update({f"time_{k}": v / steps for k, v in all_mean(t.clock.take(), t.run.device).items()})
     if window.peak:
         logged["mfu"] = window.flops_per_token * tps / (window.peak * world)
     t.monitor.scalars(step, {tensorboard_tag(k): v for k, v in logged.items()})
@@ -626,7 +667,7 @@ def log_window(t: Trainer, window: LogWindow, step: int, result: StepResult) -> 
     t.metrics.append("train", step, {"samples_rank0": result.sample_sum,
                                      **{k: v for k, v in logged.items() if "/" not in k}})
     t.last = logged
-    window.tokens, window.start = 0, time.perf_counter()
+    window.tokens, window.start, window.first_step = 0, time.perf_counter(), step + 1
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client: dict, model_config: dict, cfg: Config,
@@ -693,7 +734,9 @@ def train(run: Run, stop: StopRequest | None = None) -> dict:
     t = build(run)
     resume(t)
     cfg, last = t.cfg, t.cfg.train.max_steps
-    window = LogWindow(start_monitor(t), flops_per_token(t.model_cfg, cfg.data.max_seq_len, cfg.data.mlm_probability))
+    window = LogWindow(start_monitor(t), flops_per_token(t.model_cfg, cfg.data.max_seq_len, cfg.data.mlm_probability),
+                       first_step=t.step + 1)
+    t.clock = PhaseClock(run.device)
     interrupted = False
     try:
         t.engine.train()

@@ -144,6 +144,23 @@ def test_finetune_rows(quick, shared_data):
     assert not sec["targets"]  # the SST-2 target is the small MoE's, not in the quick run
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_trainer_rows(quick):
+    from tcd_ds.bench import trainer
+
+    sec = quick[0]["sections"]["trainer"]
+    rows = sec["rows"]
+    assert [r["mode"] for r in rows if r["dtype"] == "fp32"] == list(trainer.MODES)
+    assert "fp32" in sec["matmul_peaks_gflops"]
+    for r in rows:
+        assert r["world_size"] == 2 and r["tokens_per_second"] > 0 and r["mfu_fp32"] > 0
+        ph = r["phases_s"]
+        assert ph["student"] > 0 and ph["backward"] > 0 and ph["optimizer"] > 0, r
+        # only TCD runs a teacher and relation losses
+        assert (ph["teacher"] > 0 and ph["relation"] > 0) == (r["mode"] == "tcd"), r
+
+
 def _fake_section(name, value):
     return {"name": name, "title": name.title(), "rows": [{"x": value}], "table": f"| {name} |", "notes": [],
             "wall_s": 1.0, "loadavg_before": None, "loadavg_after": None,

@@ -48,6 +48,10 @@ def test_tcd_two_ranks_zero2_expert_parallel(shared_data, cache, tiny_teacher, t
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses  # MLM falls
     for key in ("loss_T", "loss_I", "loss_A", "final_mlm_loss", "tokens_per_second", "tokens"):
         assert summary[key] is not None and summary[key] > 0, key
+    from tcd_ds.train import PhaseClock
+
+    for h in summary["history"]:  # where each step's time went: every phase of a TCD step took some
+        assert all(h[f"time_{p}"] > 0 for p in PhaseClock.PHASES), h
     scalars = read_scalars(run / "tensorboard")
     for tag in ("train/loss", "train/mlm", "train/aux", "train/L_T", "train/L_I", "train/L_A", "train/lr",
                 "train/grad_norm", "train/tokens_per_second", "train/mfu", "relation/L_T/2", "relation/L_A/1/q",

@@ -6,7 +6,9 @@ Sections (one module each in tcd_ds/bench/):
 - step: one training step of vanilla / moe / tcd at the tiny and small recipes, tokens/s and MFU;
 - scaling: the real trainer on 1 vs 2 CPU ranks (expert parallelism), tokens/s from summary.json;
 - peer: tcd-ds vanilla vs transformers.BertForMaskedLM, one training step each;
-- finetune: fine-tuning examples/s (tiny and small, vanilla and MoE, MRPC and SST-2) per batching.
+- finetune: fine-tuning examples/s (tiny and small, vanilla and MoE, MRPC and SST-2) per batching;
+- trainer: the real trainer's three modes on 2 ranks (small), tokens/s, MFU vs the fp32/bf16 peaks,
+  and where a step's time goes (the trainer's per-phase clock).
 
 Every section compares its variants inside one process run (scaling: one launch per variant),
 interleaved, and reports medians over repeats after warm-up. `--quick` runs tiny sizes with few
@@ -31,7 +33,7 @@ import torch
 from tcd_ds.bench.common import fmt, loadavg, machine_info, md_table
 from tcd_ds.cli import Parser, fail
 
-SECTIONS = ("relation", "moe", "step", "scaling", "peer", "finetune")
+SECTIONS = ("relation", "moe", "step", "scaling", "peer", "finetune", "trainer")
 
 
 def run_suite(only: Sequence[str] = SECTIONS, quick: bool = False, threads: int | None = None,
@@ -146,7 +148,7 @@ def markdown(result: dict[str, Any], bounds: dict[str, str] | None = None) -> st
         "medians over repeats after warm-up (min also shown); the load average of each section is given.",
         "",
         f"Re-run this report: `{result['command']}`" if result.get("command") else "",
-        "(one section: `--only relation`, or moe, step, scaling, peer, finetune; `--merge` keeps the other "
+        "(one section: `--only relation`, or moe, step, scaling, peer, finetune, trainer; `--merge` keeps the other "
         "sections of `--out`; `--quick` is the CI smoke run of tests/test_bench.py; `--step-recipes "
         "tiny,small,base` adds base to the step section).",
         "",

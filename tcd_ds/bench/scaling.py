@@ -58,10 +58,11 @@ def command(ranks: int, run_dir: Path, cfg: dict[str, Any], cache_dir: str) -> l
         data = [f"data.corpus={shared / 'wikipedia-en-2015'}",
                 f"data.vocab={shared / 'vocab' / 'bert-base-uncased-vocab.txt'}"]
     return [*launcher(), "--num_accelerators", str(ranks), "--master_port", str(_port()), "tcd_ds/train.py",
-            "--config", cfg["recipe"], "--mode", cfg["mode"], "--deepspeed_config", "ds_configs/cpu_zero2.json",
-            "--resume", "none", *data, "data.max_documents=40", "data.eval_corpora=", f"data.cache_dir={cache_dir}",
-            f"train.max_steps={cfg['steps']}", f"train.log_every={cfg['log_every']}", "train.eval_every=0",
-            "train.eval_batches=1", "train.save_every=0", "model.moe.backend=deepspeed", f"model.moe.ep_size={ranks}",
+            "--config", cfg["recipe"], "--mode", cfg["mode"], "--deepspeed_config",
+            cfg.get("ds_config", "ds_configs/cpu_zero2.json"), "--resume", "none", *data, "data.max_documents=40",
+            "data.eval_corpora=", f"data.cache_dir={cache_dir}", f"train.max_steps={cfg['steps']}",
+            f"train.log_every={cfg['log_every']}", "train.eval_every=0", "train.eval_batches=1", "train.save_every=0",
+            *([] if cfg["mode"] == "vanilla" else ["model.moe.backend=deepspeed", f"model.moe.ep_size={ranks}"]),
             *cfg.get("extra", []), f"run_dir={run_dir}"]
 
 
