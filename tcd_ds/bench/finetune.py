@@ -72,10 +72,11 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             for mode in ("vanilla", "moe"):
                 model = _model(recipe, mode, spec.num_labels)
 
-                def epoch(batch_size: int, batching: str, model=model):
+                def epoch(batch_size: int, batching: str, model=model, tag=f"bench {recipe} {mode} {task}"):
                     train_one(model, spec, train, dev, lr=1e-4, seed=1, epochs=1, batch_size=batch_size,
                               warmup_ratio=0.1, weight_decay=0.01, max_grad_norm=1.0, pad_id=pad,
-                              device=torch.device("cpu"), progress_seconds=1e9, batching=batching)
+                              device=torch.device("cpu"), tag=f"{tag} batch {batch_size} {batching}",
+                              progress_seconds=1e9, batching=batching)
 
                 stats = time_interleaved({v: (lambda b=b, o=o: epoch(b, o)) for v, (b, o) in VARIANTS.items()},
                                          warmup=cfg["warmup"], repeats=cfg["repeats"], budget_s=cfg["budget_s"],
