@@ -57,6 +57,7 @@ from tcd_ds.monitor import MetricsLog, Monitor, measure_matmul_peak, quiet_known
 from tcd_ds.optim import GuardedAdamW, GuardedLambdaLR, build_optimizer
 
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, OSError)
+REPO = Path(__file__).resolve().parents[1]
 REQUEUE_EXIT = 85  # exit status after a SIGTERM/SIGUSR1 save: "requeue me" (slurm.conf RequeueExit=85)
 NONFINITE_EXIT = 3
 
@@ -69,15 +70,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(prog="tcd_ds.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="recipe name (tiny, small, base, large, xl) or YAML/JSON path")
     p.add_argument("--mode", choices=("vanilla", "moe", "tcd"), help="overrides the recipe's mode")
-    p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (ds_configs/)")
+    p.add_argument("--deepspeed_config", required=True,
+                   help="DeepSpeed JSON (ds_configs/), or auto: the faster one here (CPU: bf16 where the CPU has "
+                        "bf16 matmul instructions, else fp32; GPU: gpu_zero2_bf16.json)")
     p.add_argument("--resume", default="auto", help="auto (latest complete checkpoint, if any), none, or a tag")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the launcher
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20")
     return p.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
 
+def auto_ds_config(device: torch.device) -> str:
+    """`--deepspeed_config auto`: the faster shipped config for this device (tcd_ds/hardware.py on CPU)."""
+    from tcd_ds.hardware import cpu_ds_config
+
+    name = "ds_configs/gpu_zero2_bf16.json" if device.type == "cuda" else cpu_ds_config()
+    return str(REPO / name) if not Path(name).is_file() else name
+
+
 def load_ds_config(path: str, cfg: Config, device: torch.device) -> dict:
-    """Read the DeepSpeed JSON, refuse what cannot work, and fill the "auto" values from cfg.train."""
+    """Read the DeepSpeed JSON (`auto`: `auto_ds_config`), refuse what cannot work, and fill the
+    "auto" values from cfg.train."""
+    if path == "auto":
+        path = auto_ds_config(device)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"--deepspeed_config auto: {path}", file=sys.stderr, flush=True)
     try:
         ds = json.loads(Path(path).read_text())
     except FileNotFoundError:

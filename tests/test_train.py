@@ -104,6 +104,22 @@ def test_ds_config_validation(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
+def test_deepspeed_config_auto_is_the_faster_one_for_this_device(monkeypatch, tmp_path):
+    import torch
+
+    from tcd_ds import hardware
+    from tcd_ds.config import build_config
+    from tcd_ds.train import load_ds_config
+
+    cfg = build_config("tiny", ["mode=moe"])
+    monkeypatch.chdir(tmp_path)  # found beside the package, not only from the repo root
+    for native, dtype in ((True, "bf16"), (False, None)):
+        monkeypatch.setattr(hardware, "cpu_bf16_native", lambda flags=None, native=native: native)
+        ds = load_ds_config("auto", cfg, torch.device("cpu"))
+        assert ds.get("bf16", {}).get("enabled") is (True if dtype else None) and ds["zero_optimization"]["stage"] == 2
+        assert ds["train_micro_batch_size_per_gpu"] == cfg.train.micro_batch_size
+
+
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_teacher_mismatch_fails_before_compute(tmp_path):
