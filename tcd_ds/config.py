@@ -258,6 +258,7 @@ class TrainConfig(Section):
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
+    fused_optimizer: bool = True  # torch's fused AdamW kernel (CPU/CUDA); false: torch's default (single-tensor on CPU)
     log_every: int = 10
     eval_every: int = 200  # 0: only at the end
     eval_batches: int = 8  # per eval set

@@ -133,15 +133,17 @@ def fused_kwargs(groups) -> dict:
     return {"fused": True} if ok else {}
 
 
-def adamw(groups, cls: type[torch.optim.AdamW] = torch.optim.AdamW, **kwargs) -> torch.optim.AdamW:
-    """AdamW (`cls`, a subclass allowed) over `groups`, fused where the device has the kernel."""
+def adamw(groups, cls: type[torch.optim.AdamW] = torch.optim.AdamW, fused: bool = True,
+          **kwargs) -> torch.optim.AdamW:
+    """AdamW (`cls`, a subclass allowed) over `groups`, fused where the device has the kernel (unless
+    `fused` is False: torch's default implementation)."""
     groups = list(groups)
-    return cls(groups, **kwargs, **fused_kwargs(groups))
+    return cls(groups, **kwargs, **(fused_kwargs(groups) if fused else {}))
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> tuple[GuardedAdamW, GuardedLambdaLR]:
     """The pre-training optimizer (AdamW over `param_groups`, skippable, fused where the device has
-    the kernel) and its schedule (`lr_lambda`)."""
-    optimizer = adamw(param_groups(model, t.weight_decay), GuardedAdamW, lr=t.lr, betas=(t.beta1, t.beta2),
-                      eps=t.eps)
+    the kernel unless `train.fused_optimizer=false`) and its schedule (`lr_lambda`)."""
+    optimizer = adamw(param_groups(model, t.weight_decay), GuardedAdamW, fused=t.fused_optimizer, lr=t.lr,
+                      betas=(t.beta1, t.beta2), eps=t.eps)
     return optimizer, GuardedLambdaLR(optimizer, lr_lambda(t))

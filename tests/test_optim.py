@@ -249,3 +249,14 @@ def test_fused_adamw_is_used_on_cpu_and_equals_the_single_tensor_path_in_float64
     for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
     assert any(g["weight_decay"] == 0 for g in opt.param_groups) and any(g["weight_decay"] > 0 for g in opt.param_groups)
+
+
+def test_train_fused_optimizer_false_builds_torchs_default_adamw():
+    from tcd_ds.config import TrainConfig
+    from tcd_ds.optim import build_optimizer
+
+    model = BertForMaskedLM(ModelConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
+                                        intermediate_size=32, max_position=16))
+    fused, _ = build_optimizer(model, TrainConfig())
+    plain, _ = build_optimizer(model, TrainConfig(fused_optimizer=False))
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]

@@ -26,6 +26,10 @@ from tcd_ds.bench.scaling import REPO, command, launch
 
 PHASES = ("data", "student", "teacher", "relation", "backward", "optimizer")
 MODES = ("vanilla", "moe", "tcd")
+# (row name, mode, extra overrides): the three modes, and MoE with torch's default (single-tensor) AdamW,
+# the trainer's optimizer before 9ebf7a2 made it fused: the profile before that change
+RUNS = (("vanilla", "vanilla", ()), ("moe", "moe", ()),
+        ("moe, unfused AdamW (before)", "moe", ("train.fused_optimizer=false",)), ("tcd", "tcd", ()))
 FULL = {"recipe": "small", "ranks": 2, "steps": 30, "log_every": 5, "timeout_s": 900, "extra": [], "moe_extra": []}
 QUICK = {"recipe": "tiny", "ranks": 2, "steps": 2, "log_every": 1, "timeout_s": 300,
          "extra": ["train.micro_batch_size=4"], "moe_extra": ["model.moe.num_experts=8"]}
@@ -50,11 +54,12 @@ def matmul_peaks(threads: int = 2) -> dict[str, float]:
         torch.set_num_threads(old)
 
 
-def _run(mode: str, dtype: str, cfg: dict[str, Any], tmp: Path, cache: str, teacher: Path | None) -> dict[str, Any]:
-    run_dir = tmp / f"{mode}-{dtype}"
+def _run(name: str, mode: str, extra: tuple, dtype: str, cfg: dict[str, Any], tmp: Path, cache: str,
+         teacher: Path | None) -> dict[str, Any]:
+    run_dir = tmp / f"{name.split(',')[0]}{'-before' if extra else ''}-{dtype}"
     run_dir.mkdir()
     launch_cfg = {**cfg, "mode": mode, "ds_config": DS_CONFIGS[dtype],
-                  "extra": [*cfg["extra"], *(cfg["moe_extra"] if mode != "vanilla" else []),
+                  "extra": [*cfg["extra"], *(cfg["moe_extra"] if mode != "vanilla" else []), *extra,
                             *([f"teacher.path={teacher}"] if mode == "tcd" else [])]}
     started = time.perf_counter()
     proc = launch(cfg["ranks"], 1, run_dir, launch_cfg, cache)
@@ -71,7 +76,7 @@ def _run(mode: str, dtype: str, cfg: dict[str, Any], tmp: Path, cache: str, teac
     skip = min(2, max(len(hist) - 1, 0))
     windows = hist[skip:]
     phases = {p: statistics.mean(h.get(f"time_{p}", 0.0) for h in windows) for p in PHASES}
-    return {"mode": mode, "dtype": dtype, "steps": summary["steps"], "world_size": summary["world_size"],
+    return {"variant": name, "mode": mode, "dtype": dtype, "steps": summary["steps"], "world_size": summary["world_size"],
             "tokens_per_second": statistics.median(h["tokens_per_second"] for h in windows),
             "step_time_s": summary["step_time_s"], "mfu_trainer": summary.get("mfu"),
             "flops_per_token": None, "phases_s": phases, "wall_s": time.perf_counter() - started,
@@ -97,8 +102,8 @@ def run(quick: bool = False) -> tuple[list[dict[str, Any]], dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix="tcd-bench-trainer-") as tmp:
         for dtype in dtypes:
             teacher = None
-            for mode in MODES:
-                r = _run(mode, dtype, cfg, Path(tmp), cache, teacher)
+            for name, mode, extra in RUNS:
+                r = _run(name, mode, extra, dtype, cfg, Path(tmp), cache, teacher)
                 if mode == "vanilla":
                     teacher = r["run_dir"] / "run" / "export"
                 r["run_dir"] = str(r["run_dir"])
@@ -110,12 +115,12 @@ def run(quick: bool = False) -> tuple[list[dict[str, Any]], dict[str, float]]:
 
 
 def format_table(rows: list[dict[str, Any]], peaks: dict[str, float]) -> str:
-    heads = ["mode", "dtype", "steps", "tokens/s", "step s", *[f"MFU vs {k} peak" for k in peaks],
+    heads = ["variant", "dtype", "steps", "tokens/s", "step s", *[f"MFU vs {k} peak" for k in peaks],
              *[f"{p} %" for p in PHASES]]
     out = []
     for r in rows:
         total = sum(r["phases_s"].values()) or 1.0
-        out.append([r["mode"], r["dtype"], r["steps"], r["tokens_per_second"], r["step_time_s"],
+        out.append([r["variant"], r["dtype"], r["steps"], r["tokens_per_second"], r["step_time_s"],
                     *[r[f"mfu_{k}"] for k in peaks], *[100 * r["phases_s"][p] / total for p in PHASES]])
     return md_table(heads, out, align="llrrr" + "r" * (len(peaks) + len(PHASES)))
 
@@ -123,7 +128,7 @@ def format_table(rows: list[dict[str, Any]], peaks: dict[str, float]) -> str:
 def targets(rows: list[dict[str, Any]], peaks: dict[str, float], recipe: str) -> list[dict[str, Any]]:
     if recipe != "small":
         return []
-    best = {m: max((r for r in rows if r["mode"] == m), key=lambda r: r["tokens_per_second"]) for m in MODES}
+    best = {m: max((r for r in rows if r["variant"] == m), key=lambda r: r["tokens_per_second"]) for m in MODES}
     v, m, t = (best[x]["tokens_per_second"] for x in MODES)
 
     def shares(r):
@@ -162,11 +167,14 @@ def section(quick: bool = False) -> dict[str, Any]:
         "seconds per step), mean over the same windows: data = batch and masking, student = the student's "
         "forward (taps included), teacher = the frozen teacher's forward, relation = the relation losses, "
         "backward = DeepSpeed's backward, optimizer = the optimizer step with ZeRO's gradient reduction.",
+        "moe, unfused AdamW (before): the moe run with train.fused_optimizer=false (torch's default, single-tensor "
+        "AdamW on CPU), the trainer's optimizer before 9ebf7a2; against the moe row: the profile before and after "
+        "that change.",
         "matmul peaks (GFLOP/s, 2 threads, this run): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()),
     ]
     if quick:
         notes.append("quick mode: tiny recipe, 2 steps, 8 experts, micro-batch 4: a plumbing check, not a measurement.")
-    notes += [f"command ({r['mode']}, {r['dtype']}): `{r['command']}`" for r in rows]
+    notes += [f"command ({r['variant']}, {r['dtype']}): `{r['command']}`" for r in rows]
     return {"name": "trainer", "title": "Trainer: vanilla, MoE and TCD on 2 ranks, where a step's time goes",
             "rows": rows, "table": format_table(rows, peaks), "notes": notes,
             "targets": targets(rows, peaks, cfg["recipe"]), "matmul_peaks_gflops": peaks,
