@@ -159,7 +159,7 @@ def targets(rows: list[dict[str, Any]], peaks: dict[str, float], recipe: str) ->
                f"to the MoE step: teacher forward {best['tcd']['phases_s']['teacher']:.2f} s, relation losses "
                f"{best['tcd']['phases_s']['relation']:.2f} s, and {fwd_bwd(best['tcd']) - fwd_bwd(best['moe']):+.2f} s "
                "in the student's forward + backward (the taps, and the relation losses' backward through them, "
-               "run there); run-to-run spread of this ratio on this machine: 0.70-0.87 over two runs"),
+               "run there)"),
     ]
 
 
