@@ -5,6 +5,7 @@ report (`report.py`) reads there; both take the layout from here.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 STEPS = ("teacher", "pretrain", "align", "ablations", "trend", "ood", "analyze", "glue")
 
@@ -46,6 +47,24 @@ def analyzed_models(out: Path, rc: dict) -> dict[str, Path]:
               "tcd": dirs["tcd"] / "export"}
     models.update({f"tcd_{p}": dirs[f"tcd_{p}"] / "export" for p in rc["ablations"]["positions"]})
     return {k: v for k, v in models.items() if (v / "config.json").is_file()}
+
+
+def task_settings(rc: dict, task: str) -> dict[str, Any]:
+    """lrs, epochs and batch size of `task`'s fine-tuning: glue.per_task's, else glue's."""
+    g = rc["glue"]
+    return {"lrs": g["lrs"], "epochs": g["epochs"], "batch_size": g["batch_size"], **g["per_task"].get(task, {})}
+
+
+def trend_from_glue(rc: dict, step: int) -> bool:
+    """Whether the trend point at `step` is step glue's own fine-tuning: the final step (its checkpoint
+    holds the weights of the run's export) when the trend's task is one of glue's, its lrs are glue's
+    for that task and its seeds are among glue's. Step trend then does not fine-tune it again; the
+    report takes glue's scores of the trend's seeds."""
+    t, g = rc["trend"], rc["glue"]
+    if step != rc["_steps"] or t["task"] not in g["tasks"]:
+        return False
+    lrs = task_settings(rc, t["task"])["lrs"]
+    return (t["lrs"] or lrs) == lrs and set(t["seeds"] or g["seeds"]) <= set(g["seeds"])
 
 
 def trend_steps(rc: dict) -> list[int]:

@@ -45,7 +45,8 @@ from tcd_ds.atomic import read_json, write_json_atomic, write_text_atomic
 from tcd_ds.cli import format_duration
 from tcd_ds.dist import free_port
 from tcd_ds.experiment_layout import (
-    STEPS, aligned_dir, analyzed_models, glue_models, random_init_dir, run_dirs, trend_steps)
+    STEPS, aligned_dir, analyzed_models, glue_models, random_init_dir, run_dirs, task_settings, trend_from_glue,
+    trend_steps)
 
 RECIPES = Path(__file__).parent / "recipes" / "experiments"
 REPO = Path(__file__).resolve().parents[1]
@@ -187,12 +188,6 @@ def _per_task(value: Any) -> dict[str, dict[str, Any]]:
                                       f"{'a list of float' if k == 'lrs' else 'int'}, got {v!r}") from None
         out[str(task)] = entry
     return out
-
-
-def task_settings(rc: dict, task: str) -> dict[str, Any]:
-    """lrs, epochs and batch size of `task`'s fine-tuning: glue.per_task's, else glue's."""
-    g = rc["glue"]
-    return {"lrs": g["lrs"], "epochs": g["epochs"], "batch_size": g["batch_size"], **g["per_task"].get(task, {})}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -653,6 +648,8 @@ def step_trend(p: Pipeline) -> None:
     dirs, t = run_dirs(p.out, p.rc), p.rc["trend"]
     for variant in ("baseline", "tcd"):
         for s in trend_steps(p.rc):
+            if trend_from_glue(p.rc, s):  # step glue fine-tunes these very weights with these settings
+                continue
             tag_dir = dirs[variant] / "checkpoints" / f"step_{s:08d}"
             export = p.out / "trend" / variant / f"step_{s:08d}" / "export"
 

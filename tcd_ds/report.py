@@ -16,7 +16,8 @@ import yaml
 
 from tcd_ds.atomic import read_json, read_jsonl, write_json_atomic
 from tcd_ds.cli import format_duration
-from tcd_ds.experiment_layout import STEPS, aligned_dir, glue_models, random_init_dir, run_dirs, trend_steps
+from tcd_ds.experiment_layout import (STEPS, aligned_dir, glue_models, random_init_dir, run_dirs, trend_from_glue,
+                                     trend_steps)
 
 COLORS = {"teacher": "tab:blue", "baseline": "tab:orange", "baseline_long": "tab:red", "tcd": "tab:green"}
 LABELS = {"teacher": "Teacher (vanilla BERT)", "baseline": "MoE baseline (epoch-aligned)",
@@ -86,6 +87,18 @@ def scores(result: dict | None) -> list[float]:
 
 
 # --- reading the out dir ------------------------------------------------------------------------
+
+def trend_scores(out: Path, rc: dict, variant: str, step: int) -> list[float]:
+    """The trend's per-seed scores at `step`: its own fine-tuning, or (`trend_from_glue`) step
+    glue's scores of the trend's seeds."""
+    if not trend_from_glue(rc, step):
+        return scores(read_json(out / "trend" / variant / f"step_{step:08d}" / "results.json"))
+    res = read_json(out / "glue" / variant / rc["trend"]["task"] / "results.json")
+    if not res:
+        return []
+    by_seed = dict(zip(res["seeds"], res["glue_score"]["per_seed"]))
+    return [by_seed[x] for x in rc["trend"]["seeds"] or rc["glue"]["seeds"] if x in by_seed]
+
 
 def _tokens_at(history: list[dict], step: int) -> int | None:
     """Tokens seen by `step`, from a run's logged training history (the last entry at or before it)."""
@@ -401,8 +414,7 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
     _plot_ablations(bars, " + ".join(abl["tasks"]), out / "plots" / PLOTS[2])
 
     # trend
-    trend = {v: {s: scores(read_json(out / "trend" / v / f"step_{s:08d}" / "results.json")) for s in trend_steps(rc)}
-             for v in ("baseline", "tcd")}
+    trend = {v: {s: trend_scores(out, rc, v, s) for s in trend_steps(rc)} for v in ("baseline", "tcd")}
     md += [HEADINGS[6], "", f"{tr['task']} fine-tuned from checkpoints saved along pre-training (lrs "
            f"{', '.join(f'{x:g}' for x in tr['lrs'] or g['lrs'])}, seeds {', '.join(map(str, tr['seeds'] or g['seeds']))})."
            , "", md_table(["step", LABELS["baseline"], LABELS["tcd"]],

@@ -100,6 +100,15 @@ def test_pretrain_evaluates_and_keeps_checkpoints_at_the_align_and_trend_cadence
     assert cadence == ["train.eval_every=5", "train.save_every=5", "train.keep_checkpoints=7"]
 
 
+def test_the_final_trend_point_comes_from_glue_only_when_glue_runs_it_alike():
+    base = ["pretrain.train.max_steps=12", "trend.every=4", "glue.tasks=MRPC,CoLA", "glue.lrs=1e-4", "glue.seeds=1,2,3"]
+    assert [ex.trend_from_glue(ex.load("tiny", base)[1], s) for s in (4, 8, 12)] == [False, False, True]
+    assert ex.trend_from_glue(ex.load("tiny", [*base, "trend.seeds=2,3"])[1], 12)  # a subset of glue's seeds
+    assert ex.trend_from_glue(ex.load("tiny", [*base, "glue.per_task=MRPC:lrs=3e-4"])[1], 12)  # both take the task's
+    for other in ("trend.seeds=3,4", "trend.lrs=3e-4", "trend.lrs=1e-4,3e-4", "glue.tasks=CoLA"):
+        assert not ex.trend_from_glue(ex.load("tiny", [*base, other])[1], 12), other
+
+
 def test_select_aligned_takes_earliest_saved_checkpoint_at_or_below_target():
     h = _hist((10, 5.0), (20, 4.2), (30, 3.9), (40, 3.5))
     assert ex.select_aligned(h, [10, 20, 30, 40], 4.0) == {"step": 30, "mlm_loss": 3.9, "target": 4.0,
@@ -215,7 +224,7 @@ def pipeline(shared_data, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_pipeline_writes_every_table_and_plot(pipeline):
-    out, _, stdout = pipeline
+    out, _args, stdout = pipeline
     text = (out / "report.md").read_text()
     for heading in report.HEADINGS:
         assert heading + "\n" in text, heading
@@ -231,10 +240,14 @@ def test_pipeline_writes_every_table_and_plot(pipeline):
     assert (out / "teacher" / "train.log").stat().st_size > 0
     aligned = json.loads((out / "align" / "aligned" / "done.json").read_text())
     assert aligned["step"] in (3, 6, 9, 12) and (out / "align" / "aligned" / "export" / "config.json").is_file()
+    _, rc = ex.load("tiny", _args)
     for variant in ("baseline", "tcd"):
-        for step in (3, 6):
-            results = json.loads((out / "trend" / variant / f"step_{step:08d}" / "results.json").read_text())
-            assert results["task"] == "MRPC" and len(results["glue_score"]["per_seed"]) == 2
+        results = json.loads((out / "trend" / variant / f"step_{3:08d}" / "results.json").read_text())
+        assert results["task"] == "MRPC" and len(results["glue_score"]["per_seed"]) == 2
+        # the final step's point is step glue's fine-tuning of the same weights: not run twice
+        assert not (out / "trend" / variant / f"step_{6:08d}").exists()
+        glue = json.loads((out / "glue" / variant / "MRPC" / "results.json").read_text())
+        assert report.trend_scores(out, rc, variant, 6) == glue["glue_score"]["per_seed"] != []
     for variant in ("teacher", "baseline", "baseline_aligned", "tcd"):
         assert {p.name for p in (out / "glue" / variant).iterdir()} == {"MRPC", "WNLI"}
 
