@@ -319,8 +319,8 @@ def test_results_json_holds_models_comparisons_and_the_transfer_diagnostic(pipel
     assert "## Relations to the teacher" in text and "## Comparisons" in text and "Random init" in text
 
 
-def test_fine_tuning_processes_get_glue_threads_and_trainers_keep_threads(tmp_path, monkeypatch):
-    _, rc = ex.load("tiny", ["threads=2", "glue.threads=1", "jobs=2"])
+def _glue_pipeline(rc, tmp_path, monkeypatch) -> tuple[ex.Pipeline, list]:
+    """A pipeline at step glue whose fine-tuning processes are recorded (argv, env), not run."""
     p = ex.Pipeline("tiny", rc, tmp_path)
     p.step = "glue"
     seen = []
@@ -335,6 +335,12 @@ def test_fine_tuning_processes_get_glue_threads_and_trainers_keep_threads(tmp_pa
             return 0
 
     monkeypatch.setattr(ex.subprocess, "Popen", FakeProc)
+    return p, seen
+
+
+def test_fine_tuning_processes_get_glue_threads_and_trainers_keep_threads(tmp_path, monkeypatch):
+    _, rc = ex.load("tiny", ["threads=2", "glue.threads=1", "jobs=2"])
+    p, seen = _glue_pipeline(rc, tmp_path, monkeypatch)
     p.finetune(tmp_path / "model", "MRPC", tmp_path / "ft")
     argv, env = seen[0]
     assert argv[argv.index("--threads") + 1] == "1" and env["OMP_NUM_THREADS"] == "1"
@@ -349,24 +355,11 @@ def test_per_task_lrs_epochs_and_batch_size_reach_the_fine_tuning_command(tmp_pa
     _, rc = ex.load("tiny", ["glue.batch_size=32", "glue.epochs=3",
                              "glue.per_task=SST-2:lrs=3e-4,1e-4,epochs=1,batch_size=128"])
     assert rc["glue"]["per_task"] == {"SST-2": {"lrs": [3e-4, 1e-4], "epochs": 1, "batch_size": 128}}
-    p = ex.Pipeline("tiny", rc, tmp_path)
-    p.step = "glue"
-    seen = []
-
-    class FakeProc:
-        returncode = 0
-
-        def __init__(self, argv, stdout, stderr, env):
-            seen.append(argv)
-
-        def poll(self):
-            return 0
-
-    monkeypatch.setattr(ex.subprocess, "Popen", FakeProc)
+    p, seen = _glue_pipeline(rc, tmp_path, monkeypatch)
     for task in ("SST-2", "MRPC"):
         p.finetune(tmp_path / "model", task, tmp_path / task)
     flag = lambda argv, name: argv[argv.index(name) + 1]  # noqa: E731
-    assert [(flag(a, "--lrs"), flag(a, "--epochs"), flag(a, "--batch-size")) for a in seen] == \
+    assert [(flag(a, "--lrs"), flag(a, "--epochs"), flag(a, "--batch-size")) for a, _ in seen] == \
         [("0.0003,0.0001", "1", "128"), (",".join(f"{x:g}" for x in rc["glue"]["lrs"]), "3", "32")]
     for bad in ("SST-2:batch_size=0", "SST-2:batch_size=two"):
         with pytest.raises(ex.ExperimentError, match="batch_size"):
