@@ -8,6 +8,7 @@ import importlib.metadata
 import math
 import os
 import platform
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -287,18 +288,46 @@ def _plot_ood(runs: dict[str, dict], marks: dict[str, tuple[float, float]], path
 
 # --- the report ---------------------------------------------------------------------------------
 
+@dataclass
+class _Report:
+    """What the sections of one report share: the out dir, the recipe, the command, the runs'
+    summaries, and what earlier sections found for later ones."""
+    out: Path
+    rc: dict
+    command: str
+    runs: dict
+    inv: list = field(default_factory=list)  # invocations.jsonl
+    al: dict | None = None  # the alignment's done.json
+    glue: dict = field(default_factory=dict)  # {model: {task: results.json}}
+    trend: dict = field(default_factory=dict)  # {variant: {step: per-seed scores}}
+    findings: list = field(default_factory=list)
+
+
 def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
+    """`<out>/report.md` (with `plots/` and `results.json`): the sections in order, each a function."""
     out = Path(out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    dirs = run_dirs(out, rc)
-    runs = {k: s for k, d in dirs.items() if (s := read_json(d / "summary.json"))}
-    g, abl, tr = rc["glue"], rc["ablations"], rc["trend"]
+    runs = {k: s for k, d in run_dirs(out, rc).items() if (s := read_json(d / "summary.json"))}
+    c = _Report(out, rc, command, runs)
     md = [f"# TCD experiment `{name}`", "",
           "Reproduction of the protocol of *Transfer Capability Distillation* (arXiv 2403.01994) at this "
           "recipe's scale. Numbers are reported as measured; fine-tuning cells are **median (mean ± std)** "
           "over seeds in percent, at each sweep's best lr (highest median).", ""]
+    for section in (_setup_section, _wall_time_section, _pretraining_section, _alignment_section, _glue_section,
+                    _ablations_section, _trend_section, _ood_section, _relations_section, _comparisons_section,
+                    _findings_section):
+        md += section(c)
+    path = out / "report.md"
+    tmp = path.with_name(".report.md.tmp")
+    tmp.write_text("\n".join(md) + "\n")
+    os.replace(tmp, path)
+    return path
 
-    # setup
+
+def _setup_section(c: _Report) -> list[str]:
+    """The command, the invocations of the out dir, the machine and the resolved recipe."""
+    out, rc, command = c.out, c.rc, c.command
+    md: list[str] = []
     md += [HEADINGS[0], "", "Command (run from `" + os.getcwd() + "`):", "", "```bash", command, "```", ""]
     inv = read_jsonl(out / "invocations.jsonl")
     if len(inv) > 1:
@@ -312,8 +341,14 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
            "Resolved recipe (recipe file + command-line overrides):", "", "```yaml",
            yaml.safe_dump({k: v for k, v in rc.items() if not k.startswith("_")}, sort_keys=False).strip(),
            "```", ""]
+    c.inv = inv
+    return md
 
-    # wall time
+
+def _wall_time_section(c: _Report) -> list[str]:
+    """Each step's wall time and its units' time."""
+    out, rc, inv = c.out, c.rc, c.inv
+    md: list[str] = []
     walls: dict[str, float] = {}
     for i in inv:  # wall time of the invocations that ran units of the step
         for step, wall in i.get("steps", {}).items():
@@ -329,8 +364,13 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
     md += [HEADINGS[1], "", "Wall time = the time the step took in the invocation(s) that ran its units; unit time = "
            f"the sum of its units' own times (fine-tunings run {rc['jobs']} at a time, so theirs overlap).", "",
            md_table(["step", "units", "wall time", "unit time"], rows), ""]
+    return md
 
-    # pre-training
+
+def _pretraining_section(c: _Report) -> list[str]:
+    """Every pre-training run's final figures, and the MLM curves plot."""
+    out, rc, runs = c.out, c.rc, c.runs
+    md: list[str] = []
     rows = []
     for key, s in runs.items():
         ev = s.get("eval") or {}
@@ -346,8 +386,13 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
            "![MLM loss curves](plots/mlm_curves.png)", ""]
     _plot_curves({k: runs[k] for k in ("teacher", "baseline", "tcd", "baseline_long") if k in runs},
                  out / "plots" / PLOTS[0])
+    return md
 
-    # alignment
+
+def _alignment_section(c: _Report) -> list[str]:
+    """The performance-aligned baseline: which checkpoint, against which target."""
+    out, rc = c.out, c.rc
+    md: list[str] = []
     al = read_json(aligned_dir(out) / "done.json")
     md += [HEADINGS[3], ""]
     if al:
@@ -369,8 +414,15 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
         md += [md_table(["model", "steps", "val MLM loss", "note"], rows), ""]
     else:
         md += ["(not run)", ""]
+    c.al = al
+    return md
 
-    # GLUE
+
+def _glue_section(c: _Report) -> list[str]:
+    """The GLUE table: per model and task the median (mean ± std) over seeds."""
+    out, rc, al = c.out, c.rc, c.al
+    g = rc["glue"]
+    md: list[str] = []
     skipped = read_json(out / "glue" / "skipped.json") or {}
     tasks = [t for t in g["tasks"] if t not in skipped]
     glue = {v: {t: r for t in tasks if (r := read_json(out / "glue" / v / t / "results.json"))}
@@ -393,8 +445,15 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
         md += [f"- {t} skipped: {why}"]
     best = [f"{LABELS[v]}: " + ", ".join(f"{t} {r['best_lr']:g}" for t, r in res.items()) for v, res in glue.items()]
     md += ([""] if skipped else []) + ["Best lr per task: " + "; ".join(best) + ".", ""]
+    c.glue = glue
+    return md
 
-    # ablations
+
+def _ablations_section(c: _Report) -> list[str]:
+    """TCD with subsets of the alignment positions."""
+    out, rc, runs, glue = c.out, c.rc, c.runs, c.glue
+    abl = rc["ablations"]
+    md: list[str] = []
     full = [("none (MoE baseline)", "baseline", None)] + \
         [(p, f"tcd_{p}", out / "ablations" / p) for p in abl["positions"]] + [("TIA (full TCD)", "tcd", None)]
     rows, bars = [], []
@@ -412,8 +471,14 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
            md_table(["positions", "val MLM", "Gutenberg MLM"] + abl["tasks"]
                     + (["avg"] if len(abl["tasks"]) > 1 else []), rows), "", "![ablations](plots/ablations.png)", ""]
     _plot_ablations(bars, " + ".join(abl["tasks"]), out / "plots" / PLOTS[2])
+    return md
 
-    # trend
+
+def _trend_section(c: _Report) -> list[str]:
+    """The trend task fine-tuned from checkpoints along pre-training."""
+    out, rc = c.out, c.rc
+    g, tr = rc["glue"], rc["trend"]
+    md: list[str] = []
     trend = {v: {s: trend_scores(out, rc, v, s) for s in trend_steps(rc)} for v in ("baseline", "tcd")}
     md += [HEADINGS[6], "", f"{tr['task']} fine-tuned from checkpoints saved along pre-training (lrs "
            f"{', '.join(f'{x:g}' for x in tr['lrs'] or g['lrs'])}, seeds {', '.join(map(str, tr['seeds'] or g['seeds']))})."
@@ -421,8 +486,14 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
                           [[s, fmt_stats(trend["baseline"][s]), fmt_stats(trend["tcd"][s])] for s in trend_steps(rc)]),
            "", "![trend](plots/trend.png)", ""]
     _plot_trend(trend, tr["task"], out / "plots" / PLOTS[1])
+    c.trend = trend
+    return md
 
-    # OOD
+
+def _ood_section(c: _Report) -> list[str]:
+    """In-domain vs Gutenberg MLM loss at matched in-domain loss (opens the findings)."""
+    out, runs = c.out, c.runs
+    md: list[str] = []
     ood = read_json(out / "ood" / "analysis" / "done.json")
     md += [HEADINGS[7], ""]
     marks, findings = {}, []
@@ -455,8 +526,14 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
     else:
         md += ["(not run)", ""]
     _plot_ood(runs, marks, out / "plots" / PLOTS[3])
+    c.findings = findings
+    return md
 
-    # relations to the teacher (step analyze)
+
+def _relations_section(c: _Report) -> list[str]:
+    """`analyze`'s relation losses and CKA to the teacher, per model and per layer."""
+    out, glue = c.out, c.glue
+    md: list[str] = []
     analysis = analysis_results(out)
     md += [HEADINGS[8], ""]
     if analysis:
@@ -487,8 +564,13 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
                   fmt(per_b.get(k, {}).get("cka"), 3), fmt(per_t[k].get("cka"), 3)] for k in taps]), ""]
     else:
         md += ["(not run)", ""]
+    return md
 
-    # comparisons with bootstrap intervals (results.json)
+
+def _comparisons_section(c: _Report) -> list[str]:
+    """The comparisons with bootstrap intervals; writes results.json."""
+    out, rc, command = c.out, c.rc, c.command
+    md: list[str] = []
     res_json = results(out, rc, command)
     rows = [[f"{LABELS[c['a']]} − {LABELS[c['b']]}", c["task"], f"{c['diff']:+.1f}",
              f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]", f"{c['n_a']} / {c['n_b']}"]
@@ -499,8 +581,14 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
            md_table(["a − b", "task", "diff", "95 % CI", "seeds a / b"], rows) if rows else "(nothing to compare yet)",
            ""]
     write_json_atomic(out / "results.json", res_json)
+    return md
 
-    # findings
+
+def _findings_section(c: _Report) -> list[str]:
+    """The findings in words: GLUE averages, alignment, trend (and the OOD finding)."""
+    rc, al, glue, trend, findings = c.rc, c.al, c.glue, c.trend, c.findings
+    tr = rc["trend"]
+    md: list[str] = []
     avg = {v: stats(per_seed_average(res)) for v, res in glue.items() if res}
     if "tcd" in avg:
         for i, other in enumerate(o for o in ("baseline", "baseline_aligned", "teacher") if o in avg):
@@ -520,8 +608,4 @@ def write_report(out: Path, name: str, rc: dict, command: str) -> Path:
                         "baseline (see the table for the earlier checkpoints).")
     md += [HEADINGS[10], "", *[f"- {f}" for f in findings or ["(nothing to compare yet)"]], "",
            "At this scale the differences may well be within the seed spread above; the spread columns say so."]
-    path = out / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(md) + "\n")
-    os.replace(tmp, path)
-    return path
+    return md
