@@ -570,8 +570,9 @@ def set_threads(requested: int) -> str:
     return f"{n} thread{'s' * (n != 1)} ({available} cores available{busy}; --threads N to override)"
 
 
-def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    """Run (or resume) the lr x seed grid, write runs.jsonl and results.json, return the results."""
+def _device_and_model(args: argparse.Namespace):
+    """The device and its thread setting, the task and the pre-trained model (config, weights),
+    refused with one line where they cannot fine-tune."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1:
         raise FinetuneError(f"fine-tuning is single-process, but WORLD_SIZE={world}: run "
@@ -581,11 +582,14 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     spec = glue.get_task(args.task)
     if spec.name not in glue.GLUE_TASKS:
         raise FinetuneError(f"{spec.name} has no training data (it is a test-only diagnostic set)")
-    model_path = str(Path(args.model).resolve())
     cfg, sd = read_pretrained(args.model)
     if args.max_seq_len > cfg.max_position:
         raise FinetuneError(f"--max-seq-len {args.max_seq_len} exceeds the model's max_position {cfg.max_position}")
+    return device, threads, spec, cfg, sd
 
+
+def _task_data(args: argparse.Namespace, spec: TaskSpec, cfg: ModelConfig):
+    """The encoded training examples, eval sets, the tokenizer's special ids and the vocab file."""
     train_ex = _subset(glue.read_split(args.glue_dir, spec, "train"), args.max_train_examples)
     eval_ex = {s: _subset(glue.read_split(args.glue_dir, spec, s), args.max_eval_examples)
                for s in _eval_splits(spec, args.eval_split)}
@@ -600,17 +604,28 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     if ids.vocab_size > cfg.vocab_size:
         raise FinetuneError(f"tokenizer {vocab} has {ids.vocab_size} tokens but the model's vocab_size is "
                             f"{cfg.vocab_size}: wrong --vocab for {args.model}?")
-
     train = encode_examples(tokenizer, train_ex, args.max_seq_len, spec.is_regression)
     eval_sets = {s: encode_examples(tokenizer, ex, args.max_seq_len, spec.is_regression) for s, ex in eval_ex.items()}
+    return train, eval_sets, ids, vocab
 
-    settings = {"batch_size": args.batch_size, "batching": args.batching, "max_seq_len": args.max_seq_len,
-                "warmup_ratio": args.warmup_ratio, "weight_decay": args.weight_decay,
-                "max_grad_norm": args.max_grad_norm, "max_train_examples": args.max_train_examples,
-                "max_eval_examples": args.max_eval_examples, "eval_split": args.eval_split.lower(),
-                "vocab": str(Path(vocab).resolve()),
-                "aux_loss_weight": args.aux_loss_weight if cfg.moe.num_experts else None,
-                "moe_backend": args.moe_backend if cfg.moe.num_experts else None}
+
+def _run_settings(args: argparse.Namespace, cfg: ModelConfig, vocab: str) -> dict[str, Any]:
+    """The settings a finished run must share to be reused (runs.jsonl) and results.json records."""
+    return {"batch_size": args.batch_size, "batching": args.batching, "max_seq_len": args.max_seq_len,
+            "warmup_ratio": args.warmup_ratio, "weight_decay": args.weight_decay,
+            "max_grad_norm": args.max_grad_norm, "max_train_examples": args.max_train_examples,
+            "max_eval_examples": args.max_eval_examples, "eval_split": args.eval_split.lower(),
+            "vocab": str(Path(vocab).resolve()),
+            "aux_loss_weight": args.aux_loss_weight if cfg.moe.num_experts else None,
+            "moe_backend": args.moe_backend if cfg.moe.num_experts else None}
+
+
+def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """Run (or resume) the lr x seed grid, write runs.jsonl and results.json, return the results."""
+    device, threads, spec, cfg, sd = _device_and_model(args)
+    model_path = str(Path(args.model).resolve())
+    train, eval_sets, ids, vocab = _task_data(args, spec, cfg)
+    settings = _run_settings(args, cfg, vocab)
     out = Path(args.out) if args.out else Path(args.model) / "finetune" / spec.name
     out.mkdir(parents=True, exist_ok=True)
     runs_file = out / "runs.jsonl"
