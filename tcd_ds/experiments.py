@@ -272,27 +272,11 @@ def _ds_config(path: str) -> Path:
     raise ExperimentError(f"ds_config {path} does not exist")
 
 
-def validate(rc: dict) -> None:
-    """Check values; fills rc['_steps'], rc['_teacher_steps'] and canonical task/position names."""
-    from tcd_ds.config import ConfigError, build_config
+def _validate_glue(rc: dict) -> None:
+    """The fine-tuning keys (glue, trend, ablations.tasks): canonical task names, lrs, sizes, seeds."""
     from tcd_ds.data.glue import GlueDataError, get_task
 
-    if rc["ranks"] < 1 or rc["jobs"] < 1 or rc["threads"] < 0 or rc["glue"]["threads"] < 0:
-        raise ExperimentError("ranks and jobs must be >= 1, threads and glue.threads >= 0")
-    if rc["analyze"]["sequences"] < 1:
-        raise ExperimentError(f"analyze.sequences must be >= 1, got {rc['analyze']['sequences']}")
-    if rc["ds_config"] != "auto":
-        _ds_config(rc["ds_config"])
-    a, g, t = rc["align"], rc["glue"], rc["trend"]
-    if a["factor"] < 1 or a["every"] < 1:
-        raise ExperimentError("align.factor must be >= 1 and align.every >= 1")
-    positions = []
-    for p in rc["ablations"]["positions"]:
-        canon = "".join(c for c in "TIA" if c in p.upper())
-        if not p or len(canon) != len(p) or canon in positions:
-            raise ExperimentError(f"ablations.positions: {p!r} is not a new non-empty subset of T, I, A")
-        positions.append(canon)
-    rc["ablations"]["positions"] = positions
+    g, t = rc["glue"], rc["trend"]
     try:
         for key, tasks in (("glue.tasks", g["tasks"]), ("ablations.tasks", rc["ablations"]["tasks"])):
             names = [get_task(x).name for x in tasks]
@@ -323,6 +307,29 @@ def validate(rc: dict) -> None:
             raise ExperimentError(f"glue.{key} must be >= 1, got {g[key]}")
     if min(g["max_train_examples"], g["max_eval_examples"], *g["seeds"], *t["seeds"]) < 0:
         raise ExperimentError("glue.max_*_examples and seeds must be >= 0")
+
+
+def validate(rc: dict) -> None:
+    """Check values; fills rc['_steps'], rc['_teacher_steps'] and canonical task/position names."""
+    from tcd_ds.config import ConfigError, build_config
+
+    if rc["ranks"] < 1 or rc["jobs"] < 1 or rc["threads"] < 0 or rc["glue"]["threads"] < 0:
+        raise ExperimentError("ranks and jobs must be >= 1, threads and glue.threads >= 0")
+    if rc["analyze"]["sequences"] < 1:
+        raise ExperimentError(f"analyze.sequences must be >= 1, got {rc['analyze']['sequences']}")
+    if rc["ds_config"] != "auto":
+        _ds_config(rc["ds_config"])
+    a, t = rc["align"], rc["trend"]
+    if a["factor"] < 1 or a["every"] < 1:
+        raise ExperimentError("align.factor must be >= 1 and align.every >= 1")
+    positions = []
+    for p in rc["ablations"]["positions"]:
+        canon = "".join(c for c in "TIA" if c in p.upper())
+        if not p or len(canon) != len(p) or canon in positions:
+            raise ExperimentError(f"ablations.positions: {p!r} is not a new non-empty subset of T, I, A")
+        positions.append(canon)
+    rc["ablations"]["positions"] = positions
+    _validate_glue(rc)
     for section in FREE:
         for item in _trainer_overrides(rc[section]):
             if item.split("=", 1)[0] in RESERVED:
