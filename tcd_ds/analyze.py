@@ -65,12 +65,9 @@ def _name(key: Key) -> str:
     return f"{position}/{layer}" + ("" if name == "out" else f"/{name}")
 
 
-def analyze(model_path: str, teacher_path: str, corpus: str, sequences: int = 256, seq_len: int = 128,
-            batch_size: int = 16, cache_dir: str = ".cache/tcd_ds", max_cka_tokens: int = 8192,
-            progress: bool = True) -> dict:
-    from tcd_ds.data.shards import PackedDataset, build_token_cache, read_index
-    from tcd_ds.data.tokenizer import load_tokenizer
-
+def _load_pair(model_path: str, teacher_path: str, seq_len: int):
+    """The model and the teacher (encoders, configs, dirs) and the model's vocab, refused with one line
+    where they cannot be compared: an MoE teacher, different vocabularies, too long a seq_len."""
     model, cfg, mdir = load_encoder(model_path)
     teacher, tcfg, tdir = load_encoder(teacher_path)
     if tcfg.moe.num_experts:
@@ -83,6 +80,36 @@ def analyze(model_path: str, teacher_path: str, corpus: str, sequences: int = 25
         raise FileNotFoundError(f"{mdir} has no vocab.txt (the tokenizer the model was trained with)")
     if seq_len > min(cfg.max_position, tcfg.max_position):
         raise ValueError(f"--seq-len {seq_len} exceeds the models' max_position")
+    return model, cfg, mdir, teacher, tcfg, tdir, vocab
+
+
+def _summarize(sums: dict, counts: dict, feats: dict, layer_map: list[int], positions: str):
+    """Per tap: the mean relation loss over sequences and the CKA of the kept tokens; per position:
+    their means over layers (and taps)."""
+    per_key = {}
+    for name in sums:
+        position, layer = name.split("/")[0], int(name.split("/")[1])
+        entry = {"position": position, "layer": layer, "teacher_layer": layer_map[layer],
+                 "relation": sums[name] / counts[name]}
+        if name in feats:
+            entry["cka"] = linear_cka(torch.cat(feats[name][0]), torch.cat(feats[name][1]))
+        per_key[name] = entry
+    summary = {}
+    for position in positions:
+        vals = [e for e in per_key.values() if e["position"] == position]
+        summary[position] = {"relation": float(np.mean([e["relation"] for e in vals]))}
+        if position != "A":
+            summary[position]["cka"] = float(np.mean([e["cka"] for e in vals]))
+    return per_key, summary
+
+
+def analyze(model_path: str, teacher_path: str, corpus: str, sequences: int = 256, seq_len: int = 128,
+            batch_size: int = 16, cache_dir: str = ".cache/tcd_ds", max_cka_tokens: int = 8192,
+            progress: bool = True) -> dict:
+    from tcd_ds.data.shards import PackedDataset, build_token_cache, read_index
+    from tcd_ds.data.tokenizer import load_tokenizer
+
+    model, cfg, mdir, teacher, tcfg, tdir, vocab = _load_pair(model_path, teacher_path, seq_len)
     tok = load_tokenizer(str(vocab))
     index = build_token_cache(corpus, tok, cache_dir, seq_len, max_sequences=sequences, progress=False)
     data = PackedDataset(read_index(index))
@@ -124,20 +151,7 @@ def analyze(model_path: str, teacher_path: str, corpus: str, sequences: int = 25
             print(f"analyze: {min(n, start + batch_size)}/{n} sequences", file=sys.stderr, flush=True)
     s_taps.remove()
     t_taps.remove()
-    per_key = {}
-    for name in sums:
-        position, layer = name.split("/")[0], int(name.split("/")[1])
-        entry = {"position": position, "layer": layer, "teacher_layer": layer_map[layer],
-                 "relation": sums[name] / counts[name]}
-        if name in feats:
-            entry["cka"] = linear_cka(torch.cat(feats[name][0]), torch.cat(feats[name][1]))
-        per_key[name] = entry
-    summary = {}
-    for position in positions:
-        vals = [e for e in per_key.values() if e["position"] == position]
-        summary[position] = {"relation": float(np.mean([e["relation"] for e in vals]))}
-        if position != "A":
-            summary[position]["cka"] = float(np.mean([e["cka"] for e in vals]))
+    per_key, summary = _summarize(sums, counts, feats, layer_map, positions)
     return {"model": str(mdir), "teacher": str(tdir), "corpus": str(corpus), "sequences": n, "seq_len": seq_len,
             "cka_tokens": kept, "positions": positions, "per_tap": per_key, "mean": summary}
 
