@@ -282,6 +282,21 @@ def _progress(total: int | None, desc: str, enabled: bool):
                 mininterval=0.5, dynamic_ncols=True)
 
 
+def _check_limits(max_seq_len: int, **limits: int | None) -> None:
+    if max_seq_len < 3:
+        raise ValueError(f"max_seq_len must be >= 3 ([CLS] + 1 token + [SEP]), got {max_seq_len}")
+    for name, value in limits.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 or None, got {value}")
+
+
+def _packed_figures(packer: "_Packer", full_rows: int, last_length: int) -> dict[str, Any]:
+    """What the index records of the packed data: rows, documents, tokens and the data's hash."""
+    return {"num_sequences": packer.rows, "num_full_sequences": full_rows, "last_length": last_length,
+            "num_documents": packer.num_documents, "num_tokens": packer.num_tokens,
+            "num_stream_tokens": packer.stream_len, "data_sha256": packer.hasher.hexdigest()}
+
+
 def build_token_cache(
     source: str | os.PathLike[str],
     tokenizer: Any,
@@ -305,11 +320,7 @@ def build_token_cache(
     ``max_sequences`` stops after that many full sequences (no partial one then) - for quick
     tests and small eval sets. Raises ``ValueError`` if the corpus cannot fill one sequence.
     """
-    if max_seq_len < 3:
-        raise ValueError(f"max_seq_len must be >= 3 ([CLS] + 1 token + [SEP]), got {max_seq_len}")
-    for name, value in (("max_documents", max_documents), ("max_bytes", max_bytes), ("max_sequences", max_sequences)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1 or None, got {value}")
+    _check_limits(max_seq_len, max_documents=max_documents, max_bytes=max_bytes, max_sequences=max_sequences)
     sp = special_ids(tokenizer)
     dtype = token_dtype(sp.vocab_size)
     src = os.fspath(source)
@@ -348,20 +359,15 @@ def build_token_cache(
                     f"need at least {max_seq_len - 2} to fill one sequence of max_seq_len={max_seq_len}"
                 )
             os.replace(tmp, data_path)
-            meta = {
-                "format_version": FORMAT_VERSION, "key": key, "complete": True, "data_file": data_path.name,
-                "dtype": dtype.name, "max_seq_len": max_seq_len, "num_sequences": packer.rows,
-                "num_full_sequences": full_rows, "last_length": last_length,
-                "num_documents": packer.num_documents, "num_tokens": packer.num_tokens,
-                "num_stream_tokens": packer.stream_len, "data_sha256": packer.hasher.hexdigest(),
-                "special_ids": {"pad": sp.pad, "cls": sp.cls, "sep": sp.sep, "mask": sp.mask, "unk": sp.unk,
-                                "vocab_size": sp.vocab_size},
-                "source": src, "source_fingerprint": source_fp, "tokenizer_fingerprint": tok_fp,
-                "tokenizer_class": type(tokenizer).__name__, "limits": limits,
-                "build_seconds": round(seconds, 3),
-                "tokens_per_second": round(packer.num_tokens / seconds, 1) if seconds > 0 else None,
-                "created_unix": time.time(),
-            }
+            meta = {"format_version": FORMAT_VERSION, "key": key, "complete": True, "data_file": data_path.name,
+                    "dtype": dtype.name, "max_seq_len": max_seq_len, **_packed_figures(packer, full_rows, last_length),
+                    "special_ids": {"pad": sp.pad, "cls": sp.cls, "sep": sp.sep, "mask": sp.mask, "unk": sp.unk,
+                                    "vocab_size": sp.vocab_size},
+                    "source": src, "source_fingerprint": source_fp, "tokenizer_fingerprint": tok_fp,
+                    "tokenizer_class": type(tokenizer).__name__, "limits": limits,
+                    "build_seconds": round(seconds, 3),
+                    "tokens_per_second": round(packer.num_tokens / seconds, 1) if seconds > 0 else None,
+                    "created_unix": time.time()}
             _fsync_write_json(index_path, meta)
         finally:
             tmp.unlink(missing_ok=True)
