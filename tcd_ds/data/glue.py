@@ -199,11 +199,8 @@ def _short(s: str) -> str:
     return repr(s if len(s) <= 40 else s[:40] + "...")
 
 
-def read_split(glue_dir: str | Path, task: str | TaskSpec, split: str) -> list[Example]:
-    """Read one split of a GLUE task from ``glue_dir`` (``glue_data/`` or ``glue_data/<TASK>/``)."""
-    spec = get_task(task)
-    split, sspec = _split_spec(spec, split)
-    path = _task_dir(Path(glue_dir), spec) / sspec.file
+def _read_lines(path: Path) -> list[str]:
+    """The file's lines (BOM, the final newline and CRs dropped); a missing file says what is there."""
     if not path.is_file():
         present = sorted(p.name for p in path.parent.iterdir() if p.is_file())
         raise GlueDataError(f"GLUE file not found: {path} (present in {path.parent}: "
@@ -211,7 +208,31 @@ def read_split(glue_dir: str | Path, task: str | TaskSpec, split: str) -> list[E
     lines = path.read_text(encoding="utf-8-sig").split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+
+
+def _label(raw: str, spec: TaskSpec, fail) -> int | float:
+    """A label field: the class index, or the (finite) score of a regression task; `fail(what)`
+    builds the error naming the line."""
+    if spec.labels is None:
+        try:
+            score = float(raw)
+        except ValueError:
+            raise fail(f"non-numeric score {_short(raw)}") from None
+        if not math.isfinite(score):
+            raise fail(f"non-finite score {_short(raw)}")
+        return score
+    if raw in spec.labels:
+        return spec.labels.index(raw)
+    raise fail(f"unknown label {_short(raw)} (expected one of {', '.join(spec.labels)})")
+
+
+def read_split(glue_dir: str | Path, task: str | TaskSpec, split: str) -> list[Example]:
+    """Read one split of a GLUE task from ``glue_dir`` (``glue_data/`` or ``glue_data/<TASK>/``)."""
+    spec = get_task(task)
+    split, sspec = _split_spec(spec, split)
+    path = _task_dir(Path(glue_dir), spec) / sspec.file
+    lines = _read_lines(path)
 
     def fail(lineno: int, what: str) -> GlueDataError:
         return GlueDataError(f"{path}:{lineno}: {what}")
@@ -248,20 +269,7 @@ def read_split(glue_dir: str | Path, task: str | TaskSpec, split: str) -> list[E
                 skipped += 1
                 continue
             raise fail(lineno, f"expected {n_fields} tab-separated fields, got {len(fields)}")
-        label: int | float | None = None
-        if il is not None:
-            raw = fields[il].strip()
-            if spec.labels is None:
-                try:
-                    label = float(raw)
-                except ValueError:
-                    raise fail(lineno, f"non-numeric score {_short(raw)}") from None
-                if not math.isfinite(label):
-                    raise fail(lineno, f"non-finite score {_short(raw)}")
-            elif raw in spec.labels:
-                label = spec.labels.index(raw)
-            else:
-                raise fail(lineno, f"unknown label {_short(raw)} (expected one of {', '.join(spec.labels)})")
+        label = None if il is None else _label(fields[il].strip(), spec, lambda what: fail(lineno, what))
         examples.append(Example(f"{split}-{len(examples)}", fields[ia],
                                 None if ib is None else fields[ib], label, lineno))
     if skipped:
