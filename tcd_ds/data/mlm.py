@@ -38,6 +38,22 @@ def random_token_pool(vocab_size: int, special_ids: Sequence[int]) -> torch.Tens
     return torch.nonzero(keep).flatten()
 
 
+def _special_and_mask_id(special_ids: Any, mask_token_id: int | None,
+                         device: torch.device) -> tuple[torch.Tensor, int]:
+    """The never-selected ids as a tensor, and the [MASK] id (a `SpecialIds`' own, else BERT's 103
+    when it is among the special ids)."""
+    if hasattr(special_ids, "mask") and hasattr(special_ids, "all"):  # a tokenizer.SpecialIds
+        mask_token_id = special_ids.mask if mask_token_id is None else mask_token_id
+        special_ids = special_ids.all
+    special = torch.as_tensor(list(special_ids) if not torch.is_tensor(special_ids) else special_ids,
+                              dtype=torch.long, device=device)
+    if mask_token_id is None:
+        if BERT_MASK_ID not in special.tolist():
+            raise ValueError("mask_token_id not given and special_ids is not a SpecialIds holding it")
+        mask_token_id = BERT_MASK_ID
+    return special, mask_token_id
+
+
 def mask_tokens(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -65,15 +81,7 @@ def mask_tokens(
         return masked[0], labels[0]
     device = input_ids.device
     gdev = generator.device
-    if hasattr(special_ids, "mask") and hasattr(special_ids, "all"):  # a tokenizer.SpecialIds
-        mask_token_id = special_ids.mask if mask_token_id is None else mask_token_id
-        special_ids = special_ids.all
-    special = torch.as_tensor(list(special_ids) if not torch.is_tensor(special_ids) else special_ids,
-                              dtype=torch.long, device=device)
-    if mask_token_id is None:
-        if BERT_MASK_ID not in special.tolist():
-            raise ValueError("mask_token_id not given and special_ids is not a SpecialIds holding it")
-        mask_token_id = BERT_MASK_ID
+    special, mask_token_id = _special_and_mask_id(special_ids, mask_token_id, device)
     if random_pool is None:
         random_pool = random_token_pool(vocab_size, special.tolist())
     random_pool = random_pool.to(device)
