@@ -92,19 +92,13 @@ class _Trainer:
         self.opt.zero_grad(set_to_none=True)
 
 
-def bench_recipe(recipe: str, quick: bool, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Time the four variants of one recipe; returns {"rows": [...], "info": {...}}."""
+def _build_models(recipe: str, overrides: Sequence[str], device: torch.device):
+    """The recipe's vanilla model, its MoE student and, as the student's teacher, that vanilla model
+    saved and loaded back (with the relation objective)."""
     from tcd_ds.config import build_config
-    from tcd_ds.distill.taps import Taps, tap_points
-    from tcd_ds.model.bert import flops_per_token, num_parameters
     from tcd_ds.model.hf import save_pretrained
-    from tcd_ds.monitor import measure_matmul_peak
     from tcd_ds.train import build_model, build_teacher
 
-    cfg_all = QUICK if quick else FULL
-    device = torch.device("cpu")
-    overrides = [*RECIPE_OVERRIDES.get(recipe, []), *(QUICK_OVERRIDES if quick else []), *overrides]
-    peaks = [measure_matmul_peak(device, torch.float32)]
     with tempfile.TemporaryDirectory(prefix="tcd-bench-teacher-") as tmp:
         cfg_v = build_config(recipe, ["mode=vanilla", *overrides])
         vanilla, vcfg = build_model(cfg_v, cfg_v.model.vocab_size)
@@ -112,16 +106,29 @@ def bench_recipe(recipe: str, quick: bool, overrides: Sequence[str] = ()) -> dic
         cfg = build_config(recipe, ["mode=tcd", f"teacher.path={tmp}", *overrides])
         student, scfg = build_model(cfg, cfg.model.vocab_size)
         teacher, objective = build_teacher(cfg, scfg, device)
-    taps = Taps(tap_points(student, cfg.distill.positions, cfg.distill.include_embeddings))
-    skip = SKIP_VARIANTS.get(recipe, set()) if not quick else set()
-    vanilla_params = num_parameters(vanilla)
-    if "vanilla" in skip:
-        del vanilla
-        van = None
-    else:
-        van = _Trainer(vanilla, cfg_v)
-    moe = _Trainer(student, cfg)
-    batches = _batches(cfg, 3)
+    return cfg_v, vanilla, vcfg, cfg, student, scfg, teacher, objective
+
+
+def _rows(recipe: str, names: Sequence[str], stats: dict, cfg, model_cfgs: dict, tokens: int,
+          peak: float) -> list[dict[str, Any]]:
+    """One table row per variant: time, tokens/s, MFU (the variant's model FLOPs over `peak`), x moe."""
+    from tcd_ds.model.bert import flops_per_token
+
+    seq, b = cfg.data.max_seq_len, cfg.train.micro_batch_size
+    rows = []
+    for name in names:
+        st = stats[name]
+        tps = tokens / (st["median_ms"] / 1e3)
+        fpt = flops_per_token(model_cfgs["vanilla" if name == "vanilla" else "moe"], seq, cfg.data.mlm_probability)
+        rows.append({"recipe": recipe, "variant": name, "batch": b, "seq_len": seq, "tokens_per_step": tokens,
+                     "median_ms": st["median_ms"], "min_ms": st["min_ms"], "repeats": st["repeats"],
+                     "tokens_per_second": tps, "mfu": fpt * tps / peak,
+                     "x_moe": st["median_ms"] / stats["moe"]["median_ms"]})
+    return rows
+
+
+def _variant_steps(van, moe, batches: list, taps, teacher, objective, skip) -> dict[str, Any]:
+    """One training step per variant (vanilla, moe, tcd, tcd_teacher_only), cycling over `batches`."""
     it = {"n": 0}
 
     def batch():
@@ -134,25 +141,40 @@ def bench_recipe(recipe: str, quick: bool, overrides: Sequence[str] = ()) -> dic
         "tcd": lambda: moe.step(batch(), taps, teacher, objective),
         "tcd_teacher_only": lambda: moe.step(batch(), teacher_only=teacher),
     }
-    fns = {k: v for k, v in fns.items() if k not in skip}
+    return {k: v for k, v in fns.items() if k not in skip}
+
+
+def bench_recipe(recipe: str, quick: bool, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Time the four variants of one recipe; returns {"rows": [...], "info": {...}}."""
+    from tcd_ds.distill.taps import Taps, tap_points
+    from tcd_ds.model.bert import num_parameters
+    from tcd_ds.monitor import measure_matmul_peak
+
+    cfg_all = QUICK if quick else FULL
+    device = torch.device("cpu")
+    overrides = [*RECIPE_OVERRIDES.get(recipe, []), *(QUICK_OVERRIDES if quick else []), *overrides]
+    peaks = [measure_matmul_peak(device, torch.float32)]
+    cfg_v, vanilla, vcfg, cfg, student, scfg, teacher, objective = _build_models(recipe, overrides, device)
+    taps = Taps(tap_points(student, cfg.distill.positions, cfg.distill.include_embeddings))
+    skip = SKIP_VARIANTS.get(recipe, set()) if not quick else set()
+    vanilla_params = num_parameters(vanilla)
+    if "vanilla" in skip:
+        del vanilla
+        van = None
+    else:
+        van = _Trainer(vanilla, cfg_v)
+    moe = _Trainer(student, cfg)
+    batches = _batches(cfg, 3)
+    fns = _variant_steps(van, moe, batches, taps, teacher, objective, skip)
     stats = time_interleaved(fns, warmup=cfg_all["warmup"].get(recipe, 1), repeats=cfg_all["repeats"].get(recipe, 3),
                              budget_s=cfg_all["budget_s"].get(recipe, 60.0), min_repeats=2)
     taps.remove()
     peaks.append(measure_matmul_peak(device, torch.float32))
     peak = max(peaks)
-    seq, b = cfg.data.max_seq_len, cfg.train.micro_batch_size
     tokens = int(batches[0]["attention_mask"].sum())
     masked = int((batches[0]["labels"] != -100).sum())
-    rows = []
-    for name in [v for v in VARIANTS if v not in skip]:
-        mcfg = vcfg if name == "vanilla" else scfg
-        st = stats[name]
-        tps = tokens / (st["median_ms"] / 1e3)
-        fpt = flops_per_token(mcfg, seq, cfg.data.mlm_probability)
-        rows.append({"recipe": recipe, "variant": name, "batch": b, "seq_len": seq, "tokens_per_step": tokens,
-                     "median_ms": st["median_ms"], "min_ms": st["min_ms"], "repeats": st["repeats"],
-                     "tokens_per_second": tps, "mfu": fpt * tps / peak,
-                     "x_moe": st["median_ms"] / stats["moe"]["median_ms"]})
+    rows = _rows(recipe, [v for v in VARIANTS if v not in skip], stats, cfg, {"vanilla": vcfg, "moe": scfg}, tokens,
+                 peak)
     tcd, only = stats["tcd"]["median_ms"], stats["tcd_teacher_only"]["median_ms"]
     flops = _flop_budget(cfg, scfg, teacher, tokens)
     info = {
