@@ -276,6 +276,36 @@ def available_backends(device: torch.device) -> dict[str, str | None]:
     return out
 
 
+def _compare(backend: str, out: dict, ref: dict, hidden: int, tag: str, rel_tol: float,
+             max_tol: float) -> dict[str, float]:
+    """One backend's output, input gradient, balance loss and weight gradients against the torch
+    backend's (MegaBlocks: on the tokens it routes alike, and those must be most); AssertionError
+    naming the tensor that differs beyond the tolerances. Returns the relative errors."""
+    errors: dict[str, float] = {}
+    rows = slice(None)
+    if out["route"] is not None and backend == "megablocks":
+        same = (out["route"] == ref["route"]).all(dim=-1)
+        errors["same_route"] = float(same.float().mean())
+        assert errors["same_route"] >= MIN_SAME_ROUTE, (
+            f"{backend} ({tag}) routes only {errors['same_route']:.1%} of the tokens like the torch backend "
+            f"(< {MIN_SAME_ROUTE:.0%})")
+        rows = same
+    else:
+        assert torch.equal(out["counts"].cpu(), ref["counts"].cpu()), f"{backend} ({tag}): counts differ"
+    pairs = {"y": (out["y"].reshape(-1, hidden)[rows], ref["y"].reshape(-1, hidden)[rows]),
+             "dx": (out["dx"].reshape(-1, hidden)[rows], ref["dx"].reshape(-1, hidden)[rows])}
+    if backend != "megablocks":  # its weight gradients mix in the tokens it routes elsewhere
+        pairs["balance"] = (out["balance"].reshape(1), ref["balance"].reshape(1))
+        pairs.update({name: (grad, ref["grads"][name]) for name, grad in out["grads"].items()})
+    for name, (a, b) in pairs.items():
+        rel, mx = rel_errors(a, b)
+        errors[name] = rel
+        assert rel <= rel_tol and mx <= max_tol, (
+            f"{backend} differs from the torch backend ({tag}) in {name}: relative error {rel:.2e} "
+            f"(tolerance {rel_tol:.0e}), max error {mx:.2e} of the largest value (tolerance {max_tol:.0e})")
+    return errors
+
+
 def check_backends(device: torch.device, dtype: torch.dtype, experts: int, hidden: int, ffn: int,
                    tokens: tuple[int, int], top_k: int = 1, backends: tuple[str, ...] | None = None,
                    log: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
@@ -324,28 +354,7 @@ def check_backends(device: torch.device, dtype: torch.dtype, experts: int, hidde
             log(f"backends {tag}: megablocks skipped ({str(err).splitlines()[0]})")
             continue
         out = run_backend(backend, layer.to(device=device, dtype=dtype), x, g, top_k)
-        errors: dict[str, float] = {}
-        rows = slice(None)
-        if out["route"] is not None and backend == "megablocks":
-            same = (out["route"] == ref["route"]).all(dim=-1)
-            errors["same_route"] = float(same.float().mean())
-            assert errors["same_route"] >= MIN_SAME_ROUTE, (
-                f"{backend} ({tag}) routes only {errors['same_route']:.1%} of the tokens like the torch backend "
-                f"(< {MIN_SAME_ROUTE:.0%})")
-            rows = same
-        else:
-            assert torch.equal(out["counts"].cpu(), ref["counts"].cpu()), f"{backend} ({tag}): counts differ"
-        pairs = {"y": (out["y"].reshape(-1, hidden)[rows], ref["y"].reshape(-1, hidden)[rows]),
-                 "dx": (out["dx"].reshape(-1, hidden)[rows], ref["dx"].reshape(-1, hidden)[rows])}
-        if backend != "megablocks":  # its weight gradients mix in the tokens it routes elsewhere
-            pairs["balance"] = (out["balance"].reshape(1), ref["balance"].reshape(1))
-            pairs.update({name: (grad, ref["grads"][name]) for name, grad in out["grads"].items()})
-        for name, (a, b) in pairs.items():
-            rel, mx = rel_errors(a, b)
-            errors[name] = rel
-            assert rel <= rel_tol and mx <= max_tol, (
-                f"{backend} differs from the torch backend ({tag}) in {name}: relative error {rel:.2e} "
-                f"(tolerance {rel_tol:.0e}), max error {mx:.2e} of the largest value (tolerance {max_tol:.0e})")
+        errors = _compare(backend, out, ref, hidden, tag, rel_tol, max_tol)
         results[backend] = errors
         worst = max((k for k in errors if k != "same_route"), key=errors.get)
         log(f"backends {tag}: {backend} == torch: worst relative error {errors[worst]:.2e} ({worst}), "
