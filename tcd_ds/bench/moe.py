@@ -11,7 +11,6 @@ median over repeats after warm-up.
 """
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 from typing import Any
 
@@ -37,10 +36,9 @@ class _WorldOfOne:
 
         self.owned = not td.is_initialized()
         if self.owned:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+            from tcd_ds.dist import free_port
+
+            td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                                   timeout=timedelta(seconds=120))
         ensure_expert_groups(1)
         return self

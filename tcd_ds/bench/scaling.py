@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tcd_ds.bench.common import md_table
+from tcd_ds.dist import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -38,12 +38,6 @@ FULL = {"launches": ((1, 1), (2, 1), (1, _CORES)), "steps": 40, "log_every": 5, 
         "timeout_s": 900}
 QUICK = {"launches": ((1, 1), (2, 1)), "steps": 2, "log_every": 1, "recipe": "tiny", "mode": "moe", "timeout_s": 300,
          "extra": ["train.micro_batch_size=4", "model.moe.num_experts=8"]}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher() -> list[str]:
@@ -57,7 +51,7 @@ def command(ranks: int, run_dir: Path, cfg: dict[str, Any], cache_dir: str) -> l
     if shared.is_dir():
         data = [f"data.corpus={shared / 'wikipedia-en-2015'}",
                 f"data.vocab={shared / 'vocab' / 'bert-base-uncased-vocab.txt'}"]
-    return [*launcher(), "--num_accelerators", str(ranks), "--master_port", str(_port()), "tcd_ds/train.py",
+    return [*launcher(), "--num_accelerators", str(ranks), "--master_port", str(free_port()), "tcd_ds/train.py",
             "--config", cfg["recipe"], "--mode", cfg["mode"], "--deepspeed_config",
             cfg.get("ds_config", "ds_configs/cpu_zero2.json"), "--resume", "none", *data, "data.max_documents=40",
             "data.eval_corpora=", f"data.cache_dir={cache_dir}", f"train.max_steps={cfg['steps']}",
