@@ -175,6 +175,8 @@ try:
 except ValueError as err:
     out = {"error": str(err)}
 print("RESULT " + json.dumps(out), flush=True)
+td.barrier()  # every rank is done before any tears the group down: gloo can abort a process whose
+td.destroy_process_group()  # peers closed their connections first (seen once in CI: SIGABRT at exit)
 """
 
 
