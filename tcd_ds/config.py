@@ -5,6 +5,7 @@ Every section validates its own values; `Config.validate()` checks what spans se
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -12,6 +13,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import UnionType
 from typing import Any
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -321,22 +323,51 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def key_noun(root: type | None) -> str:
+    """What the messages call a key of the tree `root`: "config key", or a tree's own `KEY_NOUN`
+    (the experiment recipe's "recipe key")."""
+    return getattr(root, "KEY_NOUN", "config key")
+
+
+def _mapping_of(tp: Any) -> Any:
+    """For a field typed `dict[str, X]`: X (`Any` for a free mapping); else None."""
+    if typing.get_origin(tp) is dict:
+        return typing.get_args(tp)[1] if typing.get_args(tp) else Any
+    return None
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "", root: type | None = None) -> Any:
     """Build dataclass `cls` from nested plain values; unknown keys fail with the nearest valid path
-    of the tree `root` (default `cls`) that `prefix` is in."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    of the tree `root` (default `cls`) that `prefix` is in.
+
+    Field types: the scalars, `list[X]` (a list or a comma-separated string), `X | None`, nested
+    dataclasses, `dict[str, Dataclass]` (e.g. per-task settings) and `dict[str, Any]` (a free
+    mapping, checked by its owner: the experiment's trainer overrides). A field whose metadata has
+    `parse` also takes one string in the form that function reads (`glue.per_task="SST-2:lrs=3e-4"`)."""
     root = root or cls
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or key_noun(root).split()[0]} must be a mapping, "
+                          f"got {type(data).__name__}")
     types = _field_types(cls)
+    parsers = {f.name: f.metadata["parse"] for f in dataclasses.fields(cls) if "parse" in f.metadata}
     kwargs = {}
     for key, value in data.items():
         if key not in types:
             raise ConfigError(_unknown_key(root, prefix + key, prefix, list(types), section=isinstance(value, dict)))
-        tp = types[key]
+        tp, path = types[key], prefix + key
+        if key in parsers and isinstance(value, str):
+            value = parsers[key](value)
+        item = _mapping_of(tp)
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value, prefix + key + ".", root)
+            kwargs[key] = from_dict(tp, value, path + ".", root)
+        elif item is not None:
+            value = {} if value is None else value
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key_noun(root)} '{path}' must be a mapping, got {value!r}")
+            kwargs[key] = {str(k): from_dict(item, v, f"{path}.{k}.", root) if dataclasses.is_dataclass(item)
+                           else copy.deepcopy(v) for k, v in value.items()}
         else:
-            kwargs[key] = _coerce(value, tp, prefix + key)
+            kwargs[key] = coerce(value, tp, path, key_noun(root))
     return cls(**kwargs)
 
 
@@ -345,9 +376,9 @@ def config_paths(cls: type | None = None, prefix: str = "") -> dict[str, bool]:
     section: `{"mode": False, "model": True, "model.moe": True, "model.moe.ep_size": False, ...}`."""
     out: dict[str, bool] = {}
     for name, tp in _field_types(cls or Config).items():
-        section = dataclasses.is_dataclass(tp)
+        section = dataclasses.is_dataclass(tp) or _mapping_of(tp) is not None
         out[prefix + name] = section
-        if section:
+        if dataclasses.is_dataclass(tp):
             out.update(config_paths(tp, prefix + name + "."))
     return out
 
@@ -357,19 +388,21 @@ def nearest_paths(path: str, candidates: list[str], prefix: str = "") -> list[st
     when none is close. `prefix` is the leading part of `path` that exists in the tree.
 
     In order: the candidates that end with `path` (`moe.ep_size` -> `model.moe.ep_size`); those with
-    the same last key (`train.ep_size` -> `model.moe.ep_size`); else the closest by `difflib` ratio
-    (>= 0.6, ties all named) of the unknown rest of `path` (from its first unknown key on) against a
-    candidate's rest under `prefix`, or against the candidate's last as many keys (`trian.max_steps`
-    -> `train.max_steps`, `moe.ep_sise` -> `model.moe.ep_size`, `train.jiter` -> `model.moe.jitter`)."""
+    the same last key (`train.ep_size` -> `model.moe.ep_size`), the closest to `path` first; else the
+    closest by `difflib` ratio (>= 0.6) of the unknown rest of `path` (from its first unknown key on)
+    against a candidate's rest under `prefix`, or against the candidate's last as many keys
+    (`trian.max_steps` -> `train.max_steps`, `moe.ep_sise` -> `model.moe.ep_size`, `train.jiter` ->
+    `model.moe.jitter`); of tied ones, those in the section `prefix` names (else all)."""
     parts, rest = path.split("."), path[len(prefix):]
     depth = rest.count(".") + 1
-    for pool in ([c for c in candidates if c.endswith("." + path)],
-                 [c for c in candidates if c.rsplit(".", 1)[-1] == parts[-1]]):
-        if 0 < len(pool) <= 3:
-            return pool
 
     def ratio(a: str, b: str) -> float:
         return difflib.SequenceMatcher(None, a, b).ratio()
+
+    for pool in ([c for c in candidates if c.endswith("." + path)],
+                 [c for c in candidates if c.rsplit(".", 1)[-1] == parts[-1]]):
+        if 0 < len(pool) <= 3:  # the closest to what was typed first (`glu.seeds`: glue's, then trend's)
+            return sorted(pool, key=lambda c: -ratio(path, c))
 
     def score(candidate: str) -> float:
         tail = ".".join(candidate.split(".")[-depth:])
@@ -378,44 +411,82 @@ def nearest_paths(path: str, candidates: list[str], prefix: str = "") -> list[st
 
     scores = {c: score(c) for c in candidates}
     best = max(scores.values(), default=0.0)
-    return [c for c, v in scores.items() if v == best][:3] if best >= 0.6 else []
+    if best < 0.6:
+        return []
+    tied = [c for c, v in scores.items() if v == best]
+    under = [c for c in tied if c.startswith(prefix)]  # a tie goes to the section the user is in
+    return (under or tied)[:3]
 
 
 def _unknown_key(root: type, path: str, prefix: str, valid: list[str], section: bool) -> str:
     """The message for the unknown dotted `path` (as the user wrote it; `prefix` is its part that
     exists, `valid` the keys there): the nearest full paths of the tree of `root` that are sections
     (`section=True`, a mapping was given) or values, else the valid keys at `prefix`."""
-    near = nearest_paths(path, [p for p, is_section in config_paths(root).items() if is_section == section], prefix)
+    paths = [p for p, is_section in config_paths(root).items() if is_section == section]
+    local = [prefix + v for v in valid if prefix + v not in paths]  # the keys of a named entry (per_task.SST-2)
+    near = nearest_paths(path, paths + local, prefix)
     if near:
         names = [f"'{p}'" for p in near]
         either = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
-        return f"unknown config key '{path}'; did you mean {either}?"
+        return f"unknown {key_noun(root)} '{path}'; did you mean {either}?"
     where = f" in '{prefix.rstrip('.')}'" if prefix else ""
-    return f"unknown config key '{path}'; valid keys{where}: {', '.join(prefix + v for v in valid)}"
+    return f"unknown {key_noun(root)} '{path}'; valid keys{where}: {', '.join(prefix + v for v in valid)}"
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a plain value (or a command-line string) to the field's declared type."""
+def type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        return f"a list of {type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, key: str, noun: str = "config key") -> Any:
+    """Convert a plain value (or a command-line string) to the field's declared type `tp`; a bad one
+    is a `ConfigError` naming `key` (a `noun` of its tree: config key, recipe key, argument)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, UnionType) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return None if value is None else coerce(value, inner, key, noun)
     try:
-        if tp is bool:
-            if isinstance(value, str):
-                low = value.lower()
-                if low in ("1", "true", "yes", "on"):
-                    return True
-                if low in ("0", "false", "no", "off"):
-                    return False
+        if typing.get_origin(tp) is list:
+            if isinstance(value, str):  # "1e-4,3e-4" or "[1e-4, 3e-4]"; "" is the empty list
+                value = [x.strip() for x in value.strip().strip("[]").split(",") if x.strip()]
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value]  # YAML `lrs: 3e-4`
+            if not isinstance(value, (list, tuple)):
                 raise ValueError(value)
-            return bool(value)
-        if tp is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if tp is float:
-            return float(value)
-        if tp is str:
-            return str(value)
+            return [_scalar(x, args[0]) for x in value]
+        return _scalar(value, tp)
     except (TypeError, ValueError):
-        raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {value!r}") from None
+        raise ConfigError(f"{noun} '{key}' expects {type_name(tp)}, got {value!r}") from None
+
+
+def _scalar(value: Any, tp: Any) -> Any:
+    if tp is bool:
+        if isinstance(value, str):
+            low = value.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        return bool(value)
+    if isinstance(value, (dict, list)) and tp in (int, float, str):
+        raise ValueError(value)
+    if tp is int:
+        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if isinstance(value, str) and ("e" in value.lower() or "." in value):
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError(value)
+            return int(number)
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        return float(value)
+    if tp is str:
+        return str(value)
     return value
 
 
@@ -423,29 +494,53 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply `section.key=value` strings in order; returns a new validated tree."""
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Apply `section.key=value` strings in order to the tree `cfg` (a `Config`, or another tree of
+    `Section`s such as the experiment recipe); returns a new tree, validated as a whole.
+
+    Inside a free mapping (`dict[str, Any]`) the rest of the path nests (`pretrain.train.lr=1e-3`);
+    inside a `dict[str, Dataclass]` the next part is the entry's name (`glue.per_task.SST-2.epochs=1`)."""
+    root = type(cfg)
+    noun = key_noun(root)
     data = to_dict(cfg)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         path, value = item.split("=", 1)
-        node, parts = data, path.strip().split(".")
-        cls: type = Config
-        for depth, part in enumerate(parts):
+        path = path.strip()
+        node, parts, cls = data, path.split("."), root
+        depth = 0
+        while True:
+            part, prefix = parts[depth], ".".join(parts[:depth]) + ("." if depth else "")
             types = _field_types(cls)
-            prefix = ".".join(parts[:depth]) + ("." if depth else "")
             if part not in types:
-                raise ConfigError(_unknown_key(Config, path.strip(), prefix, list(types), section=False))
-            if depth == len(parts) - 1:
-                if dataclasses.is_dataclass(types[part]):
-                    raise ConfigError(f"config key '{path}' is a section; set one of its keys")
+                raise ConfigError(_unknown_key(root, path, prefix, list(types), section=False))
+            tp, last = types[part], depth == len(parts) - 1
+            parse = {f.name: f for f in dataclasses.fields(cls)}[part].metadata.get("parse")
+            if last:
+                if (dataclasses.is_dataclass(tp) or _mapping_of(tp) is not None) and parse is None:
+                    raise ConfigError(f"{noun} '{path}' is a section; set one of its keys")
                 node[part] = value
-            else:
-                if not dataclasses.is_dataclass(types[part]):
-                    raise ConfigError(f"config key '{prefix}{part}' is a value, not a section")
-                cls, node = types[part], node[part]
-    return from_dict(Config, data).validate()
+                break
+            item_type = _mapping_of(tp)
+            if item_type is Any:  # a free mapping: the rest of the path nests
+                node = node.setdefault(part, {})
+                for p in parts[depth + 1:-1]:
+                    node = node.setdefault(p, {})
+                    if not isinstance(node, dict):
+                        raise ConfigError(f"{noun} '{path}': {p} is a value, not a section")
+                node[parts[-1]] = value
+                break
+            if item_type is not None:  # dict[str, Dataclass]: the entry's name, then its keys
+                if depth + 1 == len(parts) - 1:
+                    raise ConfigError(f"{noun} '{path}' is an entry; set one of its keys")
+                node = node.setdefault(part, {}).setdefault(parts[depth + 1], {})
+                cls, depth = item_type, depth + 2
+                continue
+            if not dataclasses.is_dataclass(tp):
+                raise ConfigError(f"{noun} '{prefix}{part}' is a value, not a section")
+            cls, node, depth = tp, node[part], depth + 1
+    return from_dict(root, data).validate()
 
 
 def with_values(cfg: Any, values: dict[str, Any], root: type | None = None) -> Any:

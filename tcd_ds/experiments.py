@@ -3,8 +3,8 @@
     python -m tcd_ds.experiments <recipe> [--out DIR] [--steps a,b] [--dry-run] [key=value ...]
 
 `<recipe>`: a name in `tcd_ds/recipes/experiments/` (`tiny`, `small`) or a YAML path; `key=value`
-pairs override it (`glue.seeds=1,2`, `pretrain.train.max_steps=50`, `ranks=1`). Steps, each under
-`<out>/<step>/`:
+pairs override it (`glue.seeds=1,2`, `pretrain.train.max_steps=50`, `ranks=1`); the keys, their
+types and defaults are `tcd_ds/experiment_config.py`'s. Steps, each under `<out>/<step>/`:
 
 1. teacher    pre-train the vanilla (dense) teacher;
 2. pretrain   the MoE baseline and the TCD student: same data, seed and steps (epoch-aligned);
@@ -26,8 +26,6 @@ since it finished is refused (use another --out); a fine-tuning unit is re-run (
 """
 from __future__ import annotations
 
-import copy
-import difflib
 import json
 import math
 import os
@@ -43,7 +41,9 @@ import yaml
 
 from tcd_ds.atomic import read_json, write_json_atomic, write_text_atomic
 from tcd_ds.cli import format_duration
+from tcd_ds.config import ConfigError, apply_overrides, build_config, from_dict
 from tcd_ds.dist import free_port
+from tcd_ds.experiment_config import ExperimentConfig
 from tcd_ds.experiment_layout import (
     STEPS, aligned_dir, analyzed_models, glue_models, random_init_dir, run_dirs, task_settings, trend_from_glue,
     trend_steps)
@@ -51,31 +51,7 @@ from tcd_ds.experiment_layout import (
 RECIPES = Path(__file__).parent / "recipes" / "experiments"
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = Path(__file__).parent / "train.py"
-FREE = ("pretrain", "teacher")  # trainer overrides (validated by tcd_ds.config), any depth
-DEFAULTS: dict[str, Any] = {
-    "model_recipe": "tiny",  # tcd_ds/recipes/<name>.yaml or a path, for every pre-training run
-    "ranks": 1,  # 1: python -m tcd_ds.train; >1: the deepspeed launcher
-    "ds_config": "ds_configs/cpu_zero2.json",
-    "threads": 1,  # OMP_NUM_THREADS of every trainer rank and fine-tuning process (0: leave it)
-    "jobs": 1,  # fine-tuning processes at a time
-    "out": "",  # default runs/experiments/<recipe name>
-    "pretrain": {},  # trainer overrides common to every pre-training run (data, train, seed, ...)
-    "teacher": {},  # extra trainer overrides for the teacher only
-    "align": {"factor": 2.0, "every": 100},
-    "ablations": {"positions": ["T", "I", "A", "TI", "TA", "IA"], "tasks": ["MRPC"]},
-    "trend": {"task": "MRPC", "every": 100, "lrs": [], "seeds": []},  # empty lrs/seeds: glue's
-    "analyze": {"sequences": 128},  # held-out sequences per eval corpus
-    "glue": {"dir": "../shared/data/glue", "tasks": ["CoLA", "SST-2", "MRPC", "WNLI", "QNLI"],
-             "lrs": [1e-4], "seeds": [1, 2, 3], "epochs": 2, "max_train_examples": 0,
-             "max_eval_examples": 0, "batch_size": 32, "max_seq_len": 128, "include_aligned": True,
-             "threads": 0,  # OMP_NUM_THREADS of each fine-tuning process (0: the experiment's `threads`)
-             "include_random": True,
-             # per-task lrs / epochs / batch_size overriding glue's, e.g. {SST-2: {lrs: [3e-4], epochs: 1}};
-             # on the command line: glue.per_task="SST-2:lrs=3e-4,epochs=1,batch_size=128;CoLA:epochs=5"
-             "per_task": {}},
-}
-LIST_TYPES = {"ablations.positions": str, "ablations.tasks": str, "trend.lrs": float, "trend.seeds": int,
-              "glue.tasks": str, "glue.lrs": float, "glue.seeds": int}
+FREE = ("pretrain", "teacher")  # free sections of trainer keys (validated by tcd_ds.config), any depth
 RESERVED = ("mode", "run_dir", "teacher.path")  # set by the pipeline
 
 
@@ -85,143 +61,11 @@ class ExperimentError(ValueError):
 
 # --- recipe -------------------------------------------------------------------------------------
 
-def _coerce(key: str, default: Any, value: Any) -> Any:
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-                return value.lower() in ("true", "yes", "on", "1")
-            if isinstance(value, bool):
-                return value
-            raise ValueError
-        if isinstance(default, list):
-            items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else value
-            if not isinstance(items, list):
-                raise ValueError
-            return [_coerce(key, LIST_TYPES[key](), x) for x in items]
-        if isinstance(default, int):
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        if isinstance(default, float):
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if isinstance(value, (dict, list)):
-            raise ValueError
-        return str(value)
-    except (TypeError, ValueError):
-        kind = f"a list of {LIST_TYPES[key].__name__}" if isinstance(default, list) else type(default).__name__
-        raise ExperimentError(f"recipe key '{key}' expects {kind}, got {value!r}") from None
-
-
-def _unknown(key: str, valid) -> ExperimentError:
-    leaf, prefix = key.rsplit(".", 1)[-1], key.rpartition(".")[0]
-    close = difflib.get_close_matches(leaf, list(valid), n=1, cutoff=0.5)
-    def full(k: str) -> str:
-        return f"{prefix}.{k}" if prefix else k
-
-    hint = f"; did you mean '{full(close[0])}'?" if close else f"; valid: {', '.join(map(full, valid))}"
-    return ExperimentError(f"unknown recipe key '{key}'{hint}")
-
-
-def _merge(base: dict, data: Any, prefix: str = "") -> None:
-    if not isinstance(data, dict):
-        raise ExperimentError(f"recipe section '{prefix.rstrip('.') or 'recipe'}' must be a mapping")
-    for key, value in data.items():
-        if key not in base:
-            raise _unknown(prefix + str(key), base)
-        if prefix + key == "glue.per_task":
-            base[key] = _per_task(value)
-        elif prefix == "" and key in FREE:
-            if not isinstance(value or {}, dict):
-                raise ExperimentError(f"recipe section '{key}' must be a mapping of trainer keys")
-            base[key] = copy.deepcopy(value or {})
-        elif isinstance(base[key], dict):
-            _merge(base[key], value, f"{prefix}{key}.")
-        else:
-            base[key] = _coerce(prefix + key, DEFAULTS_FLAT[prefix + key], value)
-
-
-PER_TASK_KEYS = {"lrs": float, "epochs": int, "batch_size": int}
-
-
-def _per_task(value: Any) -> dict[str, dict[str, Any]]:
-    """`glue.per_task`: {task: {lrs: [...], epochs: n, batch_size: n}}, from YAML or
-    `"SST-2:lrs=3e-4,epochs=1,batch_size=128;CoLA:epochs=5"`."""
-    if isinstance(value, str):
-        parsed: dict[str, dict[str, Any]] = {}
-        for item in filter(None, (x.strip() for x in value.split(";"))):
-            task, sep, rest = item.partition(":")
-            if not sep:
-                raise ExperimentError(f"glue.per_task entry {item!r} is not TASK:key=value[,...]")
-            entry = parsed.setdefault(task.strip(), {})
-            for kv in filter(None, (x.strip() for x in rest.split(","))):
-                k, eq, v = kv.partition("=")
-                if not eq:
-                    # a bare number continues the previous list (lrs=1e-4,3e-4)
-                    if not entry or not isinstance(entry.get(last := list(entry)[-1]), list):
-                        raise ExperimentError(f"glue.per_task entry {item!r}: {kv!r} is not key=value")
-                    entry[last].append(k.strip())
-                    continue
-                entry[k.strip()] = [v.strip()] if k.strip() == "lrs" else v.strip()
-        value = parsed
-    if not isinstance(value, dict):
-        raise ExperimentError("glue.per_task must map task names to {lrs: [...], epochs: n}")
-    out: dict[str, dict[str, Any]] = {}
-    for task, settings in value.items():
-        if not isinstance(settings, dict):
-            raise ExperimentError(f"glue.per_task.{task} must be a mapping of lrs / epochs / batch_size")
-        entry = {}
-        for k, v in settings.items():
-            if k not in PER_TASK_KEYS:
-                raise _unknown(f"glue.per_task.{task}.{k}", PER_TASK_KEYS)
-            try:
-                if k == "lrs":
-                    items = [x for x in (v.split(",") if isinstance(v, str) else v if isinstance(v, list) else [v])]
-                    entry[k] = [float(x) for x in items]
-                else:
-                    if isinstance(v, bool) or float(v) != int(float(v)):
-                        raise ValueError
-                    entry[k] = int(float(v))
-            except (TypeError, ValueError):
-                raise ExperimentError(f"glue.per_task.{task}.{k} expects "
-                                      f"{'a list of float' if k == 'lrs' else 'int'}, got {v!r}") from None
-        out[str(task)] = entry
-    return out
-
-
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
         out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
-
-
-DEFAULTS_FLAT = _flatten({k: v for k, v in DEFAULTS.items() if k not in FREE})
-
-
-def apply_override(rc: dict, item: str) -> None:
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-        raise ExperimentError(f"override {item!r} is not of the form key=value")
-    parts = key.strip().split(".")
-    if parts[0] in FREE:
-        if len(parts) < 2:
-            raise ExperimentError(f"recipe key '{key}' is a section; set a trainer key, e.g. {key}.train.max_steps=10")
-        node = rc[parts[0]]
-        for p in parts[1:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ExperimentError(f"recipe key '{key}': {p} is a value, not a section")
-        node[parts[-1]] = text
-        return
-    try:
-        node = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        node = text
-    for p in reversed(parts):
-        node = {p: node}
-    _merge(rc, node)
 
 
 def _trainer_overrides(section: dict) -> list[str]:
@@ -240,10 +84,10 @@ def load(recipe: str, overrides: list[str] = ()) -> tuple[str, dict]:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ExperimentError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    rc = copy.deepcopy(DEFAULTS)
-    _merge(rc, data)
-    for item in overrides:
-        apply_override(rc, item)
+    try:
+        rc = apply_overrides(from_dict(ExperimentConfig, data), list(overrides)).as_dict()
+    except ConfigError as err:
+        raise ExperimentError(str(err)) from None
     validate(rc)
     return path.stem, rc
 
@@ -272,64 +116,14 @@ def _ds_config(path: str) -> Path:
     raise ExperimentError(f"ds_config {path} does not exist")
 
 
-def _validate_glue(rc: dict) -> None:
-    """The fine-tuning keys (glue, trend, ablations.tasks): canonical task names, lrs, sizes, seeds."""
-    from tcd_ds.data.glue import GlueDataError, get_task
-
-    g, t = rc["glue"], rc["trend"]
-    try:
-        for key, tasks in (("glue.tasks", g["tasks"]), ("ablations.tasks", rc["ablations"]["tasks"])):
-            names = [get_task(x).name for x in tasks]
-            if len(set(names)) != len(names):
-                raise ExperimentError(f"{key} names a task twice")
-            tasks[:] = names
-        t["task"] = get_task(t["task"]).name
-        per_task = {}
-        for task, settings in g["per_task"].items():
-            name = get_task(task).name
-            if name in per_task:
-                raise ExperimentError(f"glue.per_task names {name} twice")
-            if any(not lr > 0 for lr in settings.get("lrs", [1.0])) or settings.get("lrs") == [] or \
-                    settings.get("epochs", 1) < 1 or settings.get("batch_size", 1) < 1:
-                raise ExperimentError(f"glue.per_task.{task}: lrs must be a non-empty list of values > 0, "
-                                      "epochs and batch_size >= 1")
-            per_task[name] = settings
-        g["per_task"] = per_task
-    except GlueDataError as err:
-        raise ExperimentError(str(err)) from None
-    if not g["tasks"] or not g["lrs"] or not g["seeds"]:
-        raise ExperimentError("glue.tasks, glue.lrs and glue.seeds must not be empty")
-    for lr in g["lrs"] + t["lrs"]:
-        if not lr > 0:
-            raise ExperimentError(f"learning rates must be > 0, got {lr}")
-    for key in ("epochs", "batch_size", "max_seq_len"):
-        if g[key] < 1:
-            raise ExperimentError(f"glue.{key} must be >= 1, got {g[key]}")
-    if min(g["max_train_examples"], g["max_eval_examples"], *g["seeds"], *t["seeds"]) < 0:
-        raise ExperimentError("glue.max_*_examples and seeds must be >= 0")
-
-
 def validate(rc: dict) -> None:
-    """Check values; fills rc['_steps'], rc['_teacher_steps'] and canonical task/position names."""
-    from tcd_ds.config import ConfigError, build_config
-
-    if rc["ranks"] < 1 or rc["jobs"] < 1 or rc["threads"] < 0 or rc["glue"]["threads"] < 0:
-        raise ExperimentError("ranks and jobs must be >= 1, threads and glue.threads >= 0")
-    if rc["analyze"]["sequences"] < 1:
-        raise ExperimentError(f"analyze.sequences must be >= 1, got {rc['analyze']['sequences']}")
+    """What spans the recipe and the trainer's config (each recipe section checks its own values,
+    `tcd_ds.experiment_config`): the ds_config exists, the trainer keys build the teacher's, the
+    baseline's and the student's configs, trend.every fits the steps. Fills rc['_steps'] and
+    rc['_teacher_steps']."""
     if rc["ds_config"] != "auto":
         _ds_config(rc["ds_config"])
-    a, t = rc["align"], rc["trend"]
-    if a["factor"] < 1 or a["every"] < 1:
-        raise ExperimentError("align.factor must be >= 1 and align.every >= 1")
-    positions = []
-    for p in rc["ablations"]["positions"]:
-        canon = "".join(c for c in "TIA" if c in p.upper())
-        if not p or len(canon) != len(p) or canon in positions:
-            raise ExperimentError(f"ablations.positions: {p!r} is not a new non-empty subset of T, I, A")
-        positions.append(canon)
-    rc["ablations"]["positions"] = positions
-    _validate_glue(rc)
+    t = rc["trend"]
     for section in FREE:
         for item in _trainer_overrides(rc[section]):
             if item.split("=", 1)[0] in RESERVED:
@@ -410,7 +204,7 @@ class Pipeline:
     # --- training ---
 
     def train(self, run_dir: Path, mode: str, extra: list[str], teacher: bool = False) -> dict:
-        from tcd_ds.config import ConfigError, build_config, to_dict
+        from tcd_ds.config import to_dict
 
         rc = self.rc
         ds = str(_ds_config(rc["ds_config"]))
@@ -707,7 +501,6 @@ def _sha256(path: Path) -> str:
 
 def step_analyze(p: Pipeline) -> None:
     from tcd_ds.analyze import analyze
-    from tcd_ds.config import build_config
 
     cfg = build_config(p.rc["model_recipe"], [*_trainer_overrides(p.rc["pretrain"]), "mode=vanilla"])
     teacher = run_dirs(p.out, p.rc)["teacher"] / "export"
@@ -741,7 +534,6 @@ def random_init_model(p: Pipeline) -> None:
     the first `eval_batches` x micro-batch sequences of each eval set, fixed masks)."""
     import torch
 
-    from tcd_ds.config import build_config
     from tcd_ds.dist import detect_layout
     from tcd_ds.model.bert import BertForMaskedLM
     from tcd_ds.model.hf import config_from_hf, save_pretrained

@@ -76,3 +76,59 @@ def test_a_frozen_tree_is_read_only_and_with_values_builds_a_new_one():
     new.data.corpus = "/y"  # a new tree is not frozen
     with pytest.raises(ConfigError, match="model.vocab_size must be >= 1"):
         with_values(cfg, {"model.vocab_size": 0})
+
+
+# --- the one mechanism for other trees (the experiment recipe): lists, optionals, mappings ---------
+
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+from tcd_ds.config import Section  # noqa: E402
+
+
+@dataclass
+class _Entry(Section):
+    lrs: list[float] | None = None
+    epochs: int | None = None
+
+
+def _parse_entries(text: str) -> dict:
+    return {name: {"epochs": n} for name, n in (x.split(":") for x in text.split(";"))}
+
+
+@dataclass
+class _Tree(Section):
+    KEY_NOUN = "recipe key"
+    seeds: list[int] = field(default_factory=lambda: [1])
+    free: dict[str, Any] = field(default_factory=dict)
+    entries: dict[str, _Entry] = field(default_factory=dict, metadata={"parse": _parse_entries})
+
+    def validate(self) -> "_Tree":
+        return self
+
+
+def test_lists_optionals_free_mappings_and_named_entries_take_overrides():
+    tree = apply_overrides(_Tree(), ["seeds=4,5", "free.train.lr=1e-3", "free.seed=7",
+                                     "entries.SST-2.lrs=3e-4,1e-4", "entries.SST-2.epochs=1.0"])
+    assert tree.seeds == [4, 5] and tree.free == {"train": {"lr": "1e-3"}, "seed": "7"}
+    assert tree.entries == {"SST-2": _Entry(lrs=[3e-4, 1e-4], epochs=1)}
+    assert apply_overrides(_Tree(), ["seeds=", "entries=a:2;b:3"]) == \
+        _Tree(seeds=[], entries={"a": _Entry(epochs=2), "b": _Entry(epochs=3)})  # "" is the empty list
+    assert from_dict(_Tree, {"seeds": [2, "3"], "entries": {"x": {"lrs": 1e-4}}}) == \
+        _Tree(seeds=[2, 3], entries={"x": _Entry(lrs=[1e-4])})  # YAML `lrs: 1e-4` is a one-item list
+
+
+@pytest.mark.parametrize("item, message", [
+    ("seeds=one", "recipe key 'seeds' expects a list of int, got"),
+    ("seeds=1.5", "recipe key 'seeds' expects a list of int"),
+    ("entries.a.epochs=two", "recipe key 'entries.a.epochs' expects int, got 'two'"),
+    ("entries.a.epoch=2", "unknown recipe key 'entries.a.epoch'; did you mean 'entries.a.epochs'?"),
+    ("entries.a=2", "recipe key 'entries.a' is an entry; set one of its keys"),
+    ("free=1", "recipe key 'free' is a section; set one of its keys"),
+    ("seeds.x=1", "recipe key 'seeds' is a value, not a section"),
+    ("sedes=1", "unknown recipe key 'sedes'; did you mean 'seeds'?"),
+])
+def test_bad_values_in_other_trees_are_one_line_in_their_own_words(item, message):
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(_Tree(), [item])
+    assert message in str(err.value)

@@ -153,7 +153,11 @@ def test_recipe_overrides_and_defaults():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("glu.seeds=1", "unknown recipe key 'glu'; did you mean 'glue'?"),
+    ("glu.seeds=1", "unknown recipe key 'glu.seeds'; did you mean 'glue.seeds' or 'trend.seeds'?"),
+    ("glue.seeds.x=1", "recipe key 'glue.seeds' is a value, not a section"),
+    ("glue=1", "recipe key 'glue' is a section; set one of its keys"),
+    ("glue.per_task.SST-2.epochs=zero", "recipe key 'glue.per_task.SST-2.epochs' expects int, got 'zero'"),
+    ("glue.per_task.SST-2.lr=1", "unknown recipe key 'glue.per_task.SST-2.lr'; did you mean"),
     ("glue.sedes=1", "unknown recipe key 'glue.sedes'; did you mean 'glue.seeds'?"),
     ("glue.seeds=one", "recipe key 'glue.seeds' expects a list of int"),
     ("ranks=0", "ranks and jobs must be >= 1"),
