@@ -92,7 +92,9 @@ import math
 import os
 import sys
 import time
+import typing
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +105,7 @@ from torch import nn
 from tcd_ds.atomic import read_jsonl, write_json_atomic
 from tcd_ds.cli import Parser as _Parser
 from tcd_ds.cli import format_duration
-from tcd_ds.config import ConfigError, ModelConfig
+from tcd_ds.config import ConfigError, ModelConfig, Section, coerce, type_name
 from tcd_ds.data import glue
 from tcd_ds.data.glue import Example, GlueDataError, TaskSpec
 from tcd_ds.optim import adamw, param_groups, warmup_decay
@@ -123,105 +125,111 @@ class FinetuneError(ValueError):
 # ---------------------------------------------------------------------------------- arguments
 
 
-def _float_list(text: str) -> list[float]:
-    out = []
-    for item in text.split(","):
-        item = item.strip()
+@dataclass
+class FinetuneArgs(Section):
+    """The command's arguments, typed and checked by `tcd_ds.config`'s one mechanism (the flags are
+    these names with dashes: `--batch-size` is `batch_size`); `parse_args` builds it."""
+
+    model: str
+    task: str
+    glue_dir: str
+    lrs: list[float] = field(default_factory=lambda: [2e-5, 5e-5])
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    epochs: int = 3
+    out: str | None = None
+    vocab: str | None = None
+    batch_size: int = 32
+    batching: str = "length"
+    max_seq_len: int = 128
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    aux_loss_weight: float | None = None
+    moe_backend: str = "torch"
+    max_train_examples: int = 0
+    max_eval_examples: int = 0
+    eval_split: str = "dev"
+    threads: int = 0
+    progress_seconds: float = 30.0
+    device: str | None = None
+    local_rank: int | None = None  # the deepspeed launcher's --local_rank=N, ignored (single-process)
+
+    def validate(self) -> "FinetuneArgs":
+        """One `--flag: why` line (a ConfigError) for the first bad value."""
+        def check(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')}: {why}")
+
+        for name, values, what in (("lrs", self.lrs, "learning rate"), ("seeds", self.seeds, "seed")):
+            check(bool(values), name, f"give at least one {what}")
+            check(len(set(values)) == len(values), name, f"duplicate {what} in {','.join(map(str, values))}")
+        for lr in self.lrs:
+            check(math.isfinite(lr) and lr > 0, "lrs", f"learning rate {lr:g} must be a positive number")
+        for seed in self.seeds:
+            check(seed >= 0, "seeds", f"seed {seed} must be >= 0")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("max_seq_len", 8), ("max_train_examples", 0),
+                          ("max_eval_examples", 0), ("threads", 0)):
+            check(getattr(self, name) >= low, name, f"{getattr(self, name)} must be >= {low}")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"{self.warmup_ratio} must be in [0, 1)")
+        for name in ("weight_decay", "max_grad_norm", "aux_loss_weight", "progress_seconds"):
+            value = getattr(self, name)
+            check(value is None or math.isfinite(value) and value >= 0, name, f"{value} must be >= 0")
+        return self
+
+
+def _typed(name: str):
+    """argparse's `type=` for the field `name` of FinetuneArgs: `tcd_ds.config.coerce` to its type."""
+    tp = typing.get_type_hints(FinetuneArgs)[name]
+
+    def parse(text: str) -> Any:
         try:
-            value = float(item)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r} is not a number (expected e.g. 2e-5,5e-5)") from None
-        if not math.isfinite(value) or value <= 0:
-            raise argparse.ArgumentTypeError(f"learning rate {item!r} must be a positive number")
-        out.append(value)
-    if len(set(out)) != len(out):
-        raise argparse.ArgumentTypeError(f"duplicate learning rate in {text!r}")
-    return out
-
-
-def _int_list(text: str) -> list[int]:
-    out = []
-    for item in text.split(","):
-        item = item.strip()
-        try:
-            out.append(int(item))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r} is not an integer seed (expected e.g. 1,2,3)") from None
-        if out[-1] < 0:
-            raise argparse.ArgumentTypeError(f"seed {item!r} must be >= 0")
-    if len(set(out)) != len(out):
-        raise argparse.ArgumentTypeError(f"duplicate seed in {text!r}")
-    return out
-
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
-        return value
+            return coerce(text, tp, name)
+        except ConfigError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {type_name(tp)}") from None
     return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> FinetuneArgs:
     p = _Parser(prog="python -m tcd_ds.finetune",
                 description="Fine-tune a (MoE-)BERT export on one GLUE task over an lr x seed grid.")
-    p.add_argument("--model", required=True, help="export dir (config.json + weights) or a Hugging Face BERT dir")
-    p.add_argument("--task", required=True, help="GLUE task, case-insensitive (CoLA, SST-2, MRPC, STS-B, ...)")
-    p.add_argument("--glue-dir", required=True, help="glue_data/ (holding <TASK>/train.tsv ...) or the task dir")
-    p.add_argument("--lrs", type=_float_list, default=[2e-5, 5e-5], help="comma-separated (default 2e-5,5e-5)")
-    p.add_argument("--seeds", type=_int_list, default=[1, 2, 3], help="comma-separated (default 1,2,3)")
-    p.add_argument("--epochs", type=_int_at_least(1), default=3, help="epochs of every run")
-    p.add_argument("--out", default=None, help="output dir (default: finetune/<task> inside --model)")
-    p.add_argument("--vocab", default=None,
-                   help=f"vocab.txt (default: {VOCAB_FILENAME} in --model if present, else {DEFAULT_VOCAB}, "
-                        "relative to the working directory or else to the repository root)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=32, help="examples per step")
-    p.add_argument("--batching", choices=("length", "random"), default="length",
-                   help="length: batches of similar-length examples, in random order (less padding); "
-                        "random: a plain shuffle")
-    p.add_argument("--max-seq-len", type=_int_at_least(8), default=128, help="tokens per example (truncated)")
-    p.add_argument("--warmup-ratio", type=_fraction, default=0.1, help="linear warm-up over this share of the steps")
-    p.add_argument("--weight-decay", type=_non_negative, default=0.01, help="AdamW weight decay")
-    p.add_argument("--max-grad-norm", type=_non_negative, default=1.0, help="0 disables clipping")
-    p.add_argument("--aux-loss-weight", type=_non_negative, default=None,
-                   help="MoE load-balancing loss weight while fine-tuning (default: the model's)")
-    p.add_argument("--moe-backend", choices=("torch", "grouped"), default="torch", help="MoE experts' implementation")
-    p.add_argument("--max-train-examples", type=_int_at_least(0), default=0, help="0 = all")
-    p.add_argument("--max-eval-examples", type=_int_at_least(0), default=0, help="0 = all")
-    p.add_argument("--eval-split", default="dev",
-                   help="split to evaluate on (default dev; MNLI dev = dev_matched + dev_mismatched)")
-    p.add_argument("--threads", type=_int_at_least(0), default=0,
-                   help="torch CPU threads; 0: the idle cores among those this process may use, at least 1")
-    p.add_argument("--progress-seconds", type=_non_negative, default=30.0,
-                   help="a progress line at least this often inside an epoch (besides every 10%% of it)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    # the deepspeed launcher appends --local_rank=N; fine-tuning is single-process, so it is ignored
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(FinetuneArgs)}
+
+    def arg(flag: str, help: str, **kwargs: Any) -> None:  # noqa: A002 - argparse's own name
+        name = flag.lstrip("-").replace("-", "_")
+        if "choices" not in kwargs and "required" not in kwargs:
+            kwargs["type"] = _typed(name)
+        p.add_argument(flag, default=defaults.get(name), help=help, **kwargs)
+
+    arg("--model", "export dir (config.json + weights) or a Hugging Face BERT dir", required=True)
+    arg("--task", "GLUE task, case-insensitive (CoLA, SST-2, MRPC, STS-B, ...)", required=True)
+    arg("--glue-dir", "glue_data/ (holding <TASK>/train.tsv ...) or the task dir", required=True)
+    arg("--lrs", "comma-separated (default 2e-5,5e-5)")
+    arg("--seeds", "comma-separated (default 1,2,3)")
+    arg("--epochs", "epochs of every run")
+    arg("--out", "output dir (default: finetune/<task> inside --model)")
+    arg("--vocab", f"vocab.txt (default: {VOCAB_FILENAME} in --model if present, else {DEFAULT_VOCAB}, "
+                   "relative to the working directory or else to the repository root)")
+    arg("--batch-size", "examples per step")
+    arg("--batching", "length: batches of similar-length examples, in random order (less padding); "
+                      "random: a plain shuffle", choices=("length", "random"))
+    arg("--max-seq-len", "tokens per example (truncated)")
+    arg("--warmup-ratio", "linear warm-up over this share of the steps")
+    arg("--weight-decay", "AdamW weight decay")
+    arg("--max-grad-norm", "0 disables clipping")
+    arg("--aux-loss-weight", "MoE load-balancing loss weight while fine-tuning (default: the model's)")
+    arg("--moe-backend", "MoE experts' implementation", choices=("torch", "grouped"))
+    arg("--max-train-examples", "0 = all")
+    arg("--max-eval-examples", "0 = all")
+    arg("--eval-split", "split to evaluate on (default dev; MNLI dev = dev_matched + dev_mismatched)")
+    arg("--threads", "torch CPU threads; 0: the idle cores among those this process may use, at least 1")
+    arg("--progress-seconds", "a progress line at least this often inside an epoch (besides every 10%% of it)")
+    arg("--device", "cpu or cuda (default: cuda if available)")
+    p.add_argument("--local_rank", "--local-rank", type=_typed("local_rank"), default=None, help=argparse.SUPPRESS)
+    try:
+        return FinetuneArgs(**vars(p.parse_args(argv))).validate()
+    except ConfigError as err:
+        p.error(f"argument {err}")
 
 
 # -------------------------------------------------------------------------------------- model
@@ -500,7 +508,7 @@ def summarize(spec: TaskSpec, runs: dict[tuple[float, int], dict[str, Any]], lrs
             "per_lr": per_lr}
 
 
-def _resolve_vocab(args: argparse.Namespace) -> str:
+def _resolve_vocab(args: FinetuneArgs) -> str:
     if args.vocab:
         return args.vocab
     inside = Path(args.model) / VOCAB_FILENAME
@@ -570,7 +578,7 @@ def set_threads(requested: int) -> str:
     return f"{n} thread{'s' * (n != 1)} ({available} cores available{busy}; --threads N to override)"
 
 
-def _device_and_model(args: argparse.Namespace):
+def _device_and_model(args: FinetuneArgs):
     """The device and its thread setting, the task and the pre-trained model (config, weights),
     refused with one line where they cannot fine-tune."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -588,7 +596,7 @@ def _device_and_model(args: argparse.Namespace):
     return device, threads, spec, cfg, sd
 
 
-def _task_data(args: argparse.Namespace, spec: TaskSpec, cfg: ModelConfig):
+def _task_data(args: FinetuneArgs, spec: TaskSpec, cfg: ModelConfig):
     """The encoded training examples, eval sets, the tokenizer's special ids and the vocab file."""
     train_ex = _subset(glue.read_split(args.glue_dir, spec, "train"), args.max_train_examples)
     eval_ex = {s: _subset(glue.read_split(args.glue_dir, spec, s), args.max_eval_examples)
@@ -609,7 +617,7 @@ def _task_data(args: argparse.Namespace, spec: TaskSpec, cfg: ModelConfig):
     return train, eval_sets, ids, vocab
 
 
-def _run_settings(args: argparse.Namespace, cfg: ModelConfig, vocab: str) -> dict[str, Any]:
+def _run_settings(args: FinetuneArgs, cfg: ModelConfig, vocab: str) -> dict[str, Any]:
     """The settings a finished run must share to be reused (runs.jsonl) and results.json records."""
     return {"batch_size": args.batch_size, "batching": args.batching, "max_seq_len": args.max_seq_len,
             "warmup_ratio": args.warmup_ratio, "weight_decay": args.weight_decay,
@@ -620,7 +628,7 @@ def _run_settings(args: argparse.Namespace, cfg: ModelConfig, vocab: str) -> dic
             "moe_backend": args.moe_backend if cfg.moe.num_experts else None}
 
 
-def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+def run_sweep(args: FinetuneArgs) -> dict[str, Any]:
     """Run (or resume) the lr x seed grid, write runs.jsonl and results.json, return the results."""
     device, threads, spec, cfg, sd = _device_and_model(args)
     model_path = str(Path(args.model).resolve())

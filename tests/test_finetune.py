@@ -428,3 +428,31 @@ def test_length_batching_is_a_permutation_of_similar_length_batches_in_random_or
     again = epoch_order(lengths, bs, torch.Generator().manual_seed(1), "length")
     other = epoch_order(lengths, bs, torch.Generator().manual_seed(2), "length")
     assert again == order and other != order  # seeded
+
+
+def test_arguments_are_the_typed_finetune_args_with_its_defaults():
+    args = finetune.parse_args(["--model", "m", "--task", "MRPC", "--glue-dir", "g"])
+    assert args == finetune.FinetuneArgs(model="m", task="MRPC", glue_dir="g")  # every default from one place
+    args = finetune.parse_args(["--model", "m", "--task", "MRPC", "--glue-dir", "g", "--lrs", "1e-4,3e-4",
+                                "--seeds", "4", "--epochs", "1", "--aux-loss-weight", "0"])
+    assert (args.lrs, args.seeds, args.epochs, args.aux_loss_weight) == ([1e-4, 3e-4], [4], 1, 0.0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--epochs", "0"], "argument --epochs: 0 must be >= 1"),
+    (["--lrs="], "argument --lrs: give at least one learning rate"),
+    (["--lrs=1e-4,-1e-5"], "argument --lrs: learning rate -1e-05 must be a positive number"),
+    (["--lrs", "1e-4,abc"], "argument --lrs: '1e-4,abc' is not a list of float"),
+    (["--seeds", "2,2"], "argument --seeds: duplicate seed in 2,2"),
+    (["--warmup-ratio", "1"], "argument --warmup-ratio: 1.0 must be in [0, 1)"),
+    (["--max-seq-len", "4"], "argument --max-seq-len: 4 must be >= 8"),
+    (["--weight-decay=-1"], "argument --weight-decay: -1.0 must be >= 0"),
+    (["--aux-loss-weight", "nan"], "argument --aux-loss-weight: nan must be >= 0"),
+    (["--threads", "1.5"], "argument --threads: '1.5' is not int"),
+])
+def test_bad_arguments_are_one_line_naming_the_flag(extra, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        finetune.parse_args(["--model", "m", "--task", "MRPC", "--glue-dir", "g", *extra])
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
