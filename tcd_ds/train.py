@@ -29,6 +29,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -373,29 +374,45 @@ def build_engine(cfg: Config, model: BertForMaskedLM, ds_config: dict):
 
 
 class PhaseClock:
-    """Wall seconds per phase of the steps (data, student, teacher, relation, backward, optimizer),
-    summed until `take()`. On CUDA each lap synchronizes first, so a phase holds its kernels."""
+    """Wall seconds per phase of the timed steps (data, student, teacher, relation, backward,
+    optimizer); `take()` gives their means per timed step.
+
+    On CUDA a lap synchronizes first, so that a phase holds its kernels; at every phase of every
+    micro-batch that would stall the GPU's queue, so there only the steps begun with `timed=True` are
+    timed (the trainer's last step of each log window). Without a synchronization every step is."""
 
     PHASES = ("data", "student", "teacher", "relation", "backward", "optimizer")
 
-    def __init__(self, device: torch.device | None = None):
-        self.sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else None
+    def __init__(self, device: torch.device | None = None, sync: Callable[[], None] | None = None):
+        cuda = device is not None and device.type == "cuda"
+        self.sync = sync or (torch.cuda.synchronize if cuda else None)
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self.steps, self.timing = 0, True
+        self.mark = time.perf_counter()
+
+    def begin(self, timed: bool) -> None:
+        """A step starts (the time since the last lap, e.g. logging or saving, is no phase's)."""
+        self.timing = timed or self.sync is None
+        if self.timing:
+            if self.sync:
+                self.sync()  # the previous, untimed step's kernels are not this one's
+            self.steps += 1
         self.mark = time.perf_counter()
 
     def lap(self, phase: str) -> None:
-        """The time since the last lap goes to `phase`."""
+        """The time since the last lap goes to `phase` (in a timed step)."""
+        if not self.timing:
+            return
         if self.sync:
             self.sync()
         now = time.perf_counter()
         self.seconds[phase] += now - self.mark
         self.mark = now
 
-    def restart(self) -> None:
-        self.mark = time.perf_counter()
-
     def take(self) -> dict[str, float]:
-        out, self.seconds = self.seconds, dict.fromkeys(self.PHASES, 0.0)
+        """Mean seconds per timed step of each phase since the last take; then starts over."""
+        out = {k: v / max(self.steps, 1) for k, v in self.seconds.items()}
+        self.seconds, self.steps = dict.fromkeys(self.PHASES, 0.0), 0
         return out
 
 
@@ -607,7 +624,7 @@ def train_step(t: Trainer, step: int) -> StepResult:
     cfg, run, engine, clock = t.cfg, t.run, t.engine, t.clock
     t.optimizer.begin_step()
     sums, tokens, sample_sum, bad_terms, out = {}, 0, 0, [], None
-    clock.restart()  # the time between steps (logging, eval, saving) is not the step's
+    clock.begin(timed=step % cfg.train.log_every == 0 or step == cfg.train.max_steps)  # a logged step
     for micro in range(cfg.train.grad_accum):
         indices = t.data.order.batch_indices(step - 1, micro, run.layout.rank)
         batch = make_batch(t.data, t.data.train, indices, cfg.seed, step - 1, run.layout.rank, micro,
@@ -655,7 +672,6 @@ class LogWindow:
     flops_per_token: float
     tokens: int = 0
     start: float = dataclasses.field(default_factory=time.perf_counter)
-    first_step: int = 1  # the window's first step
 
     def add(self, result: StepResult) -> None:
         self.tokens += result.tokens
@@ -672,8 +688,7 @@ def log_window(t: Trainer, window: LogWindow, step: int, result: StepResult) -> 
     tps = seen / elapsed
     logged.update({"lr": t.scheduler.get_last_lr()[0], "grad_norm": float(t.engine.get_global_grad_norm() or 0.0),
                    "tokens_per_second": tps, "tokens": t.tokens})
-    steps = step - window.first_step + 1
-    logged.update({f"time_{k}": v / steps for k, v in all_mean(t.clock.take(), t.run.device).items()})
+    logged.update({f"time_{k}": v for k, v in all_mean(t.clock.take(), t.run.device).items()})
     if window.peak:
         logged["mfu"] = window.flops_per_token * tps / (window.peak * world)
     t.monitor.scalars(step, {tensorboard_tag(k): v for k, v in logged.items()})
@@ -683,7 +698,7 @@ def log_window(t: Trainer, window: LogWindow, step: int, result: StepResult) -> 
     t.metrics.append("train", step, {"samples_rank0": result.sample_sum,
                                      **{k: v for k, v in logged.items() if "/" not in k}})
     t.last = logged
-    window.tokens, window.start, window.first_step = 0, time.perf_counter(), step + 1
+    window.tokens, window.start = 0, time.perf_counter()
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client: dict, model_config: dict, cfg: Config,
@@ -750,8 +765,7 @@ def train(run: Run, stop: StopRequest | None = None) -> dict:
     t = build(run)
     resume(t)
     cfg, last = t.cfg, t.cfg.train.max_steps
-    window = LogWindow(start_monitor(t), flops_per_token(t.model_cfg, cfg.data.max_seq_len, cfg.data.mlm_probability),
-                       first_step=t.step + 1)
+    window = LogWindow(start_monitor(t), flops_per_token(t.model_cfg, cfg.data.max_seq_len, cfg.data.mlm_probability))
     t.clock = PhaseClock(run.device)
     interrupted = False
     try:

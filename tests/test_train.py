@@ -189,3 +189,23 @@ def test_bf16_on_cpu_trains_like_fp32_over_50_steps(shared_data, cache, tmp_path
     assert len(fp32) == len(bf16) == 10 and fp32[-1] < fp32[0] - 0.5  # it learns
     assert max(abs(a - b) for a, b in zip(fp32, bf16)) <= 0.05, (fp32, bf16)
     assert fp32 != bf16
+
+
+def test_phase_clock_times_only_the_logged_steps_where_a_lap_synchronizes(monkeypatch):
+    from tcd_ds import train as tr
+
+    now = iter(float(x) for x in range(1000))
+    monkeypatch.setattr(tr.time, "perf_counter", lambda: next(now))
+    syncs = []
+    clock = tr.PhaseClock(sync=lambda: syncs.append(1))  # a GPU: every lap would wait for its kernels
+    for timed in (False, False, True):
+        clock.begin(timed)
+        clock.lap("data")
+        clock.lap("student")
+    assert len(syncs) == 3  # begin + two laps of the timed step, none in the two others
+    assert clock.take() == {**dict.fromkeys(tr.PhaseClock.PHASES, 0.0), "data": 1.0, "student": 1.0}
+    cpu = tr.PhaseClock(tr.torch.device("cpu"))  # no synchronization: every step is timed, means per step
+    for timed in (False, True):
+        cpu.begin(timed)
+        cpu.lap("data")
+    assert cpu.take()["data"] == 1.0 and cpu.steps == 0
