@@ -142,6 +142,25 @@ def validate(rc: dict) -> None:
 
 # --- units --------------------------------------------------------------------------------------
 
+def _trainer_defaults() -> dict[str, Any]:
+    from tcd_ds.config import Config, to_dict
+
+    return {f"config.{k}": v for k, v in _flatten(to_dict(Config())).items()}
+
+
+def changed_settings(recorded: Any, now: Any) -> list[str]:
+    """How a unit's fingerprint `now` differs from the `recorded` one (`key old -> new`; [] when the
+    same). A trainer key that the recorded fingerprint lacks and that is at its default now does not
+    count: a later tcd-ds added it, and its default is what the finished run did without it."""
+    if not isinstance(recorded, dict) or not isinstance(now, dict):
+        return [] if recorded == now else ["fingerprint"]
+    before, after, defaults = _flatten(recorded), _flatten(now), _trainer_defaults()
+    missing = object()
+    return [f"{k}: {before.get(k, '(absent)')} -> {after.get(k, '(absent)')}" for k in {**before, **after}
+            if before.get(k, missing) != after.get(k, missing)
+            and not (k not in before and k in defaults and after[k] == defaults[k])]
+
+
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, data)
@@ -176,12 +195,14 @@ class Pipeline:
         name = str(directory.relative_to(self.out))
         done = read_json(directory / "done.json")
         fingerprint = json.loads(json.dumps(fingerprint).replace(str(self.out.resolve()), "<out>"))
-        if done is not None and done.get("fingerprint") == fingerprint:
+        changed = None if done is None else changed_settings(done.get("fingerprint"), fingerprint)
+        if done is not None and not changed:
             self.skipped.append(name)
             self.say(f"  {name}: done, skipped")
             return done
         if done is not None and strict:
-            raise ExperimentError(f"{directory} was done with other settings: use another --out or delete it")
+            raise ExperimentError(f"{directory} was done with other settings ({', '.join(changed[:3])}"
+                                  f"{', ...' if len(changed) > 3 else ''}): use another --out or delete it")
         if deferred:
             work()  # waits for a free slot, then starts the process
         self.say(f"  {name}: start")

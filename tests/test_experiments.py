@@ -3,6 +3,7 @@ alignment selection, table formatting) and one tiny end-to-end run on the real d
 check that finished units are skipped and an unfinished training resumes."""
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -368,3 +369,26 @@ def test_per_task_lrs_epochs_and_batch_size_reach_the_fine_tuning_command(tmp_pa
     for bad in ("SST-2:batch_size=0", "SST-2:batch_size=two"):
         with pytest.raises(ex.ExperimentError, match="batch_size"):
             ex.load("tiny", [f"glue.per_task={bad}"])
+
+
+def test_a_trainer_key_added_at_its_default_keeps_finished_units_and_a_change_is_named(tmp_path):
+    from tcd_ds.config import Config, to_dict
+
+    now = {"ranks": 1, "config": to_dict(Config()), "ds_config": {"zero": 2}}
+    recorded = copy.deepcopy(now)
+    del recorded["config"]["train"]["fused_optimizer"]  # a run finished before this key existed
+    assert ex.changed_settings(recorded, now) == []
+    assert ex.changed_settings(now, now) == [] and ex.changed_settings({"argv": [1]}, {"argv": [1]}) == []
+    now["config"]["train"]["fused_optimizer"] = False  # not the default: the run would differ
+    assert ex.changed_settings(recorded, now) == ["config.train.fused_optimizer: (absent) -> False"]
+    recorded["config"]["train"]["fused_optimizer"] = True
+    assert ex.changed_settings(recorded, now) == ["config.train.fused_optimizer: True -> False"]
+    del now["config"]["train"]["lr"]  # a key that went away counts
+    assert f"config.train.lr: {Config().train.lr} -> (absent)" in ex.changed_settings(recorded, now)
+
+    p = ex.Pipeline("tiny", ex.load("tiny")[1], tmp_path)
+    unit = tmp_path / "u"
+    p.unit(unit, {"config": {"train": {"lr": 1.0}}}, lambda: {})
+    assert p.unit(unit, {"config": {"train": {"lr": 1.0}}}, lambda: pytest.fail("re-ran"))["unit"] == "u"
+    with pytest.raises(ex.ExperimentError, match=r"other settings \(config.train.lr: 1.0 -> 2.0\)"):
+        p.unit(unit, {"config": {"train": {"lr": 2.0}}}, lambda: {})
