@@ -496,51 +496,56 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     """Apply `section.key=value` strings in order to the tree `cfg` (a `Config`, or another tree of
-    `Section`s such as the experiment recipe); returns a new tree, validated as a whole.
-
-    Inside a free mapping (`dict[str, Any]`) the rest of the path nests (`pretrain.train.lr=1e-3`);
-    inside a `dict[str, Dataclass]` the next part is the entry's name (`glue.per_task.SST-2.epochs=1`)."""
-    root = type(cfg)
-    noun = key_noun(root)
+    `Section`s such as the experiment recipe); returns a new tree, validated as a whole."""
     data = to_dict(cfg)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         path, value = item.split("=", 1)
-        path = path.strip()
-        node, parts, cls = data, path.split("."), root
-        depth = 0
-        while True:
-            part, prefix = parts[depth], ".".join(parts[:depth]) + ("." if depth else "")
-            types = _field_types(cls)
-            if part not in types:
-                raise ConfigError(_unknown_key(root, path, prefix, list(types), section=False))
-            tp, last = types[part], depth == len(parts) - 1
-            parse = {f.name: f for f in dataclasses.fields(cls)}[part].metadata.get("parse")
-            if last:
-                if (dataclasses.is_dataclass(tp) or _mapping_of(tp) is not None) and parse is None:
-                    raise ConfigError(f"{noun} '{path}' is a section; set one of its keys")
+        _set_path(data, type(cfg), path.strip(), value)
+    return from_dict(type(cfg), data).validate()
+
+
+def _set_path(data: dict, root: type, path: str, value: str) -> None:
+    """Set the dotted `path` of the plain tree `data` (of dataclass `root`) to the string `value`,
+    checking each part against the types. Inside a free mapping (`dict[str, Any]`) the rest of the
+    path nests (`pretrain.train.lr=1e-3`); inside a `dict[str, Dataclass]` the next part is the
+    entry's name (`glue.per_task.SST-2.epochs=1`); a field with a `parse` metadata takes its string
+    form whole (`glue.per_task="SST-2:epochs=1"`)."""
+    noun, parts = key_noun(root), path.split(".")
+    node, cls, depth = data, root, 0
+    while True:
+        part, prefix = parts[depth], ".".join(parts[:depth]) + ("." if depth else "")
+        types = _field_types(cls)
+        if part not in types:
+            raise ConfigError(_unknown_key(root, path, prefix, list(types), section=False))
+        tp, item_type = types[part], _mapping_of(types[part])
+        if depth == len(parts) - 1:
+            parse = next(f.metadata.get("parse") for f in dataclasses.fields(cls) if f.name == part)
+            if parse:
+                node[part] = parse(value)  # plain values: later dotted overrides of its entries merge
+            elif dataclasses.is_dataclass(tp) or item_type is not None:
+                raise ConfigError(f"{noun} '{path}' is a section; set one of its keys")
+            else:
                 node[part] = value
-                break
-            item_type = _mapping_of(tp)
-            if item_type is Any:  # a free mapping: the rest of the path nests
-                node = node.setdefault(part, {})
-                for p in parts[depth + 1:-1]:
-                    node = node.setdefault(p, {})
-                    if not isinstance(node, dict):
-                        raise ConfigError(f"{noun} '{path}': {p} is a value, not a section")
-                node[parts[-1]] = value
-                break
-            if item_type is not None:  # dict[str, Dataclass]: the entry's name, then its keys
-                if depth + 1 == len(parts) - 1:
-                    raise ConfigError(f"{noun} '{path}' is an entry; set one of its keys")
-                node = node.setdefault(part, {}).setdefault(parts[depth + 1], {})
-                cls, depth = item_type, depth + 2
-                continue
-            if not dataclasses.is_dataclass(tp):
-                raise ConfigError(f"{noun} '{prefix}{part}' is a value, not a section")
-            cls, node, depth = tp, node[part], depth + 1
-    return from_dict(root, data).validate()
+            return
+        if item_type is Any:  # a free mapping: the rest of the path nests
+            node = node.setdefault(part, {})
+            for p in parts[depth + 1:-1]:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{noun} '{path}': {p} is a value, not a section")
+            node[parts[-1]] = value
+            return
+        if item_type is not None:  # dict[str, Dataclass]: the entry's name, then its keys
+            if depth + 1 == len(parts) - 1:
+                raise ConfigError(f"{noun} '{path}' is an entry; set one of its keys")
+            node = node.setdefault(part, {}).setdefault(parts[depth + 1], {})
+            cls, depth = item_type, depth + 2
+            continue
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{noun} '{prefix}{part}' is a value, not a section")
+        cls, node, depth = tp, node[part], depth + 1
 
 
 def with_values(cfg: Any, values: dict[str, Any], root: type | None = None) -> Any:

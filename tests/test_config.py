@@ -112,8 +112,8 @@ def test_lists_optionals_free_mappings_and_named_entries_take_overrides():
                                      "entries.SST-2.lrs=3e-4,1e-4", "entries.SST-2.epochs=1.0"])
     assert tree.seeds == [4, 5] and tree.free == {"train": {"lr": "1e-3"}, "seed": "7"}
     assert tree.entries == {"SST-2": _Entry(lrs=[3e-4, 1e-4], epochs=1)}
-    assert apply_overrides(_Tree(), ["seeds=", "entries=a:2;b:3"]) == \
-        _Tree(seeds=[], entries={"a": _Entry(epochs=2), "b": _Entry(epochs=3)})  # "" is the empty list
+    assert apply_overrides(_Tree(), ["seeds=", "entries=a:2;b:3", "entries.b.lrs=1e-4"]) == \
+        _Tree(seeds=[], entries={"a": _Entry(epochs=2), "b": _Entry(lrs=[1e-4], epochs=3)})  # "": the empty list
     assert from_dict(_Tree, {"seeds": [2, "3"], "entries": {"x": {"lrs": 1e-4}}}) == \
         _Tree(seeds=[2, 3], entries={"x": _Entry(lrs=[1e-4])})  # YAML `lrs: 1e-4` is a one-item list
 
