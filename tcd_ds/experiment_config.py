@@ -56,7 +56,7 @@ class TrendConfig(Section):
         self.task = _task_names("trend.task", [self.task])[0]
         _check_lrs("trend.lrs", self.lrs)
         if min(self.seeds, default=0) < 0:
-            raise ConfigError("glue.max_*_examples and seeds must be >= 0")
+            raise ConfigError(f"trend.seeds must be >= 0, got {min(self.seeds)}")
 
 
 @dataclass

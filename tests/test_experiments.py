@@ -156,6 +156,8 @@ def test_recipe_overrides_and_defaults():
 @pytest.mark.parametrize("override, message", [
     ("glu.seeds=1", "unknown recipe key 'glu.seeds'; did you mean 'glue.seeds' or 'trend.seeds'?"),
     ("glue.seeds.x=1", "recipe key 'glue.seeds' is a value, not a section"),
+    ("trend.seeds=1,-2", "trend.seeds must be >= 0, got -2"),
+    ("glue.seeds=-1", "glue.max_*_examples and seeds must be >= 0"),
     ("glue=1", "recipe key 'glue' is a section; set one of its keys"),
     ("glue.per_task.SST-2.epochs=zero", "recipe key 'glue.per_task.SST-2.epochs' expects int, got 'zero'"),
     ("glue.per_task.SST-2.lr=1", "unknown recipe key 'glue.per_task.SST-2.lr'; did you mean"),
