@@ -72,11 +72,13 @@ def interpolate(points: list[tuple[float, float]], x0: float) -> float | None:
     return None
 
 
-def per_seed_average(results: dict[str, dict]) -> list[float]:
-    """The GLUE average of each seed over the given tasks' results.json (best lr of each task)."""
+def per_seed_average(results: dict[str, dict], tasks=None) -> list[float]:
+    """The GLUE average of each seed over the given tasks' results.json (best lr of each task); []
+    when `tasks` is given and `results` lacks one of them (an average over fewer tasks is another
+    quantity: a model whose fine-tuning is unfinished has none)."""
     from tcd_ds.data.glue import glue_average
 
-    if not results:
+    if not results or tasks is not None and not set(tasks) <= set(results):
         return []
     per_task = {t: r["glue_score"]["per_seed"] for t, r in results.items()}
     n = min(len(v) for v in per_task.values())
@@ -158,7 +160,7 @@ def results(out: Path, rc: dict, command: str) -> dict[str, Any]:
         models[key] = {"mode": MODES.get(key, "moe"), **_pretraining(out, rc, key, runs),
                        "glue": {t: [100.0 * x for x in scores(r)] for t, r in res.items()},
                        "best_lr": {t: r["best_lr"] for t, r in res.items()},
-                       "glue_avg": [100.0 * x for x in per_seed_average(res)] if len(res) == len(tasks) else []}
+                       "glue_avg": [100.0 * x for x in per_seed_average(res, tasks)]}
     comparisons = []
     for a, b in COMPARISONS:
         if a not in models or b not in models:
@@ -299,6 +301,7 @@ class _Report:
     inv: list = field(default_factory=list)  # invocations.jsonl
     al: dict | None = None  # the alignment's done.json
     glue: dict = field(default_factory=dict)  # {model: {task: results.json}}
+    tasks: list = field(default_factory=list)  # the GLUE tasks fine-tuned (not skipped)
     trend: dict = field(default_factory=dict)  # {variant: {step: per-seed scores}}
     findings: list = field(default_factory=list)
 
@@ -430,12 +433,13 @@ def _glue_section(c: _Report) -> list[str]:
     rows = []
     for v, res in glue.items():
         label = LABELS[v] + (f", step {al['step']}" if v == "baseline_aligned" and al else "")
-        rows.append([label] + [fmt_stats(scores(res.get(t))) for t in tasks] + [fmt_stats(per_seed_average(res))])
+        rows.append([label] + [fmt_stats(scores(res.get(t))) for t in tasks] + [fmt_stats(per_seed_average(res, tasks))])
     md += [HEADINGS[4], "", f"Tasks {', '.join(tasks)}; lrs {', '.join(f'{x:g}' for x in g['lrs'])}; seeds "
            f"{', '.join(map(str, g['seeds']))}; {g['epochs']} epoch(s); train examples "
            f"{g['max_train_examples'] or 'all'}, eval examples {g['max_eval_examples'] or 'all'} (dev split). "
            "Task score = mean of its metrics (MRPC: F1 and accuracy; CoLA: MCC); GLUE avg = per-seed mean over the "
-           "tasks (WNLI included), then median (mean ± std) over seeds.", ""]
+           f"tasks{' (WNLI included)' if 'WNLI' in tasks else ''}, then median (mean ± std) over seeds (only for "
+           "a model with every task).", ""]
     if g.get("per_task"):
         md += ["Per-task settings (instead of the above): " + "; ".join(
             f"{t}: " + ", ".join(f"{k} {', '.join(f'{x:g}' for x in v) if isinstance(v, list) else v}"
@@ -443,9 +447,10 @@ def _glue_section(c: _Report) -> list[str]:
     md += [md_table(["model"] + tasks + ["GLUE avg"], rows), ""]
     for t, why in skipped.items():
         md += [f"- {t} skipped: {why}"]
-    best = [f"{LABELS[v]}: " + ", ".join(f"{t} {r['best_lr']:g}" for t, r in res.items()) for v, res in glue.items()]
+    best = [f"{LABELS[v]}: " + ", ".join(f"{t} {r['best_lr']:g}" for t, r in res.items())
+            for v, res in glue.items() if res]
     md += ([""] if skipped else []) + ["Best lr per task: " + "; ".join(best) + ".", ""]
-    c.glue = glue
+    c.glue, c.tasks = glue, tasks
     return md
 
 
@@ -464,8 +469,8 @@ def _ablations_section(c: _Report) -> list[str]:
         val = ev.get("val", {}).get("mlm_loss")
         rows.append([label, fmt(val), fmt(ev.get("gutenberg", {}).get("mlm_loss"))]
                     + [fmt_stats(scores(res.get(t))) for t in abl["tasks"]]
-                    + ([fmt_stats(per_seed_average(res))] if len(abl["tasks"]) > 1 else []))
-        bars.append((label.split(" ")[0], per_seed_average(res), val))
+                    + ([fmt_stats(per_seed_average(res, abl["tasks"]))] if len(abl["tasks"]) > 1 else []))
+        bars.append((label.split(" ")[0], per_seed_average(res, abl["tasks"]), val))
     md += [HEADINGS[5], "", f"TCD with a subset of the alignment positions, {rc['_steps']} steps each (as the "
            "student), fine-tuned with the GLUE settings.", "",
            md_table(["positions", "val MLM", "Gutenberg MLM"] + abl["tasks"]
@@ -532,7 +537,7 @@ def _ood_section(c: _Report) -> list[str]:
 
 def _relations_section(c: _Report) -> list[str]:
     """`analyze`'s relation losses and CKA to the teacher, per model and per layer."""
-    out, glue = c.out, c.glue
+    out, glue, tasks = c.out, c.glue, c.tasks
     md: list[str] = []
     analysis = analysis_results(out)
     md += [HEADINGS[8], ""]
@@ -542,7 +547,7 @@ def _relations_section(c: _Report) -> list[str]:
         for c in corpora:
             head += [f"{c} L_T", f"{c} L_I", f"{c} L_A", f"{c} CKA T", f"{c} CKA I"]
         for key, per in analysis.items():
-            row = [LABELS.get(key, f"TCD ablation {key[4:]}"), fmt_stats(per_seed_average(glue.get(key, {})))
+            row = [LABELS.get(key, f"TCD ablation {key[4:]}"), fmt_stats(per_seed_average(glue.get(key, {}), tasks))
                    if key in glue else "–"]
             for c in corpora:
                 m = per.get(c, {}).get("mean", {})
@@ -589,7 +594,7 @@ def _findings_section(c: _Report) -> list[str]:
     rc, al, glue, trend, findings = c.rc, c.al, c.glue, c.trend, c.findings
     tr = rc["trend"]
     md: list[str] = []
-    avg = {v: stats(per_seed_average(res)) for v, res in glue.items() if res}
+    avg = {v: stats(a) for v, res in glue.items() if (a := per_seed_average(res, c.tasks))}
     if "tcd" in avg:
         for i, other in enumerate(o for o in ("baseline", "baseline_aligned", "teacher") if o in avg):
             if other in avg:
