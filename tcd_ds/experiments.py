@@ -41,7 +41,8 @@ import yaml
 
 from tcd_ds.atomic import read_json, write_json_atomic, write_text_atomic
 from tcd_ds.cli import format_duration
-from tcd_ds.config import ConfigError, apply_overrides, build_config, from_dict
+from tcd_ds.config import ConfigError, apply_overrides, build_config, from_dict, trained_vocab_size
+from tcd_ds.data.paths import looks_like_path
 from tcd_ds.dist import free_port
 from tcd_ds.experiment_config import ExperimentConfig
 from tcd_ds.experiment_layout import (
@@ -139,6 +140,33 @@ def validate(rc: dict) -> None:
         raise ExperimentError(f"trend.every must be in [1, pre-training steps={steps}], got {t['every']}")
     rc["_steps"], rc["_teacher_steps"] = steps, teacher.train.max_steps
 
+
+
+DATA_STEPS = {"teacher", "pretrain", "align", "ablations", "trend", "ood", "analyze"}  # read the corpora
+GLUE_STEPS = {"ablations", "trend", "glue"}  # fine-tune
+
+
+def check_data(rc: dict, steps: list[str]) -> None:
+    """An experiment's report stands on its data, so every path it reads must be there before any
+    unit runs. The trainer replaces a missing *default* corpus by bundled text and skips a missing
+    eval corpus (right for a smoke run, `tcd_ds/data/fallback.py`); here that would report figures
+    on the wrong text, without a Gutenberg loss, from a clone whose `../shared` is elsewhere."""
+    paths = {}
+    if DATA_STEPS & set(steps):
+        for section in ("pretrain", "teacher"):
+            extra = _trainer_overrides(rc["teacher"]) if section == "teacher" else []
+            data = build_config(rc["model_recipe"], _trainer_overrides(rc["pretrain"]) + extra + ["mode=moe"]).data
+            paths.setdefault(f"{section}.data.corpus", data.corpus)
+            if trained_vocab_size(data.vocab) is None:
+                paths.setdefault(f"{section}.data.vocab", data.vocab)
+            paths.update({f"{section}.data.eval_corpora ({k})": v for k, v in data.eval_sets().items()})
+    if GLUE_STEPS & set(steps):
+        paths["glue.dir"] = rc["glue"]["dir"]
+    for key, path in paths.items():
+        if looks_like_path(path) and not Path(path).expanduser().exists():
+            raise ExperimentError(f"{key} {path} not found (from {os.getcwd()}): an experiment reads its real data "
+                                  f"and never falls back; run it from the repo root with shared/ beside the repo, "
+                                  f"or give the path as a recipe override ({key.split(' ')[0]}=...)")
 
 # --- units --------------------------------------------------------------------------------------
 
@@ -629,6 +657,8 @@ def main(argv: list[str] | None = None) -> dict:
         bad = [s for s in steps if s not in STEPS]
         if bad:
             raise ExperimentError(f"unknown step {bad[0]!r}; steps: {', '.join(STEPS)}")
+        if not args.dry_run:
+            check_data(rc, steps)
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -183,6 +183,36 @@ def test_bad_recipe_values_fail_with_one_line(override, message, capsys):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
+
+def test_missing_data_stops_the_experiment_before_any_unit(tmp_path, monkeypatch, capsys):
+    """Run from a directory without ../shared, the trainer would fall back to bundled text and skip
+    the eval corpora: an experiment refuses instead, naming the key, the path and the cwd."""
+    monkeypatch.chdir(tmp_path)
+    corpus, glue = tmp_path / "corpus", tmp_path / "glue"
+    corpus.mkdir()
+    glue.mkdir()
+    present = [f"pretrain.data.corpus={corpus}", "pretrain.data.vocab=wordpiece:512",
+               f"pretrain.data.eval_corpora=wt={corpus}", f"glue.dir={glue}"]
+    cases = [
+        ([], "--steps", "teacher", "pretrain.data.corpus ../shared/data/wikipedia-en-2015 not found"),
+        (present[1:], "--steps", "pretrain", "pretrain.data.corpus ../shared/data/wikipedia-en-2015 not found"),
+        (present[:1] + present[2:], "--steps", "ood", "pretrain.data.vocab ../shared/data/vocab/"),
+        (present[:2] + present[3:], "--steps", "analyze", "pretrain.data.eval_corpora (wikitext2)"),
+        (present + ["teacher.data.corpus=./nope"], "--steps", "teacher", "teacher.data.corpus ./nope not found"),
+        (present[:3] + ["glue.dir=/nope/glue"], "--steps", "glue", "glue.dir /nope/glue not found"),
+    ]
+    for overrides, flag, steps, message in cases:
+        with pytest.raises(SystemExit) as err:
+            ex.main(["tiny", "--out", str(tmp_path / "out"), flag, steps, *overrides])
+        assert err.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and f"(from {tmp_path})" in lines[0], (steps, lines)
+        assert "never falls back" in lines[0]
+        assert not (tmp_path / "out").exists(), "nothing runs before the data is checked"
+    # every path present passes; no step, nothing to read
+    ex.check_data(ex.load("tiny", present)[1], list(ex.STEPS))
+    ex.check_data(ex.load("tiny")[1], [])
+
 def test_unknown_recipe_and_step(capsys):
     for argv in (["nope"], ["tiny", "--steps", "teacher,bogus"]):
         with pytest.raises(SystemExit) as err:
