@@ -150,6 +150,9 @@ class ExperimentConfig(Section):
     ds_config: str = "ds_configs/cpu_zero2.json"  # or auto (experiments.resolve_ds_config)
     threads: int = 1  # OMP_NUM_THREADS of every trainer rank and fine-tuning process (0: leave it)
     jobs: int = 1  # fine-tuning processes at a time
+    # step pretrain's runs (the MoE baseline and the TCD student) at a time; side by side, each
+    # gets max(1, threads // pretrain_jobs) threads (small MoE models use 2 cores better as 2 x 1)
+    pretrain_jobs: int = 1
     out: str = ""  # default runs/experiments/<recipe name>
     pretrain: dict[str, Any] = field(default_factory=dict)  # trainer keys of every pre-training run
     teacher: dict[str, Any] = field(default_factory=dict)  # extra trainer keys for the teacher only
@@ -162,6 +165,8 @@ class ExperimentConfig(Section):
     def validate(self) -> "ExperimentConfig":
         if self.ranks < 1 or self.jobs < 1 or self.threads < 0 or self.glue.threads < 0:
             raise ConfigError("ranks and jobs must be >= 1, threads and glue.threads >= 0")
+        if self.pretrain_jobs not in (1, 2):
+            raise ConfigError(f"pretrain_jobs must be 1 or 2 (step pretrain trains two runs), got {self.pretrain_jobs}")
         for section in (self.analyze, self.align, self.ablations, self.trend, self.glue):
             section.validate()
         return self

@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import yaml
@@ -201,6 +202,7 @@ class Pipeline:
         self.ran, self.skipped = [], []  # unit names
         self.step = ""
         self.running: list = []  # (process, log file, finish callback) of fine-tuning units
+        self.training: list = []  # trainer processes now running (two in step pretrain side by side)
 
     def env(self, threads: int | None = None) -> dict[str, str]:
         threads = self.rc["threads"] if threads is None else threads
@@ -252,7 +254,10 @@ class Pipeline:
 
     # --- training ---
 
-    def train(self, run_dir: Path, mode: str, extra: list[str], teacher: bool = False) -> dict:
+    def train(self, run_dir: Path, mode: str, extra: list[str], teacher: bool = False,
+              threads: int | None = None, log: str = "train.log") -> dict:
+        """Train (or resume) one run as a unit, with `threads` OMP threads (None: the recipe's);
+        its output goes to `<out>/<step>/<log>`."""
         from tcd_ds.config import to_dict
 
         rc = self.rc
@@ -270,7 +275,7 @@ class Pipeline:
         def work() -> dict:
             summary = read_json(run_dir / "summary.json")
             if not (summary and not summary.get("interrupted") and summary.get("steps", 0) >= steps):
-                self._launch(args, run_dir)
+                self._launch(args, run_dir, threads, self.log(log))
                 summary = read_json(run_dir / "summary.json")
                 if not summary or summary.get("interrupted"):
                     raise ExperimentError(f"training {run_dir} stopped before the end; re-run to resume")
@@ -278,7 +283,7 @@ class Pipeline:
 
         return self.unit(run_dir, fingerprint, work)
 
-    def _launch(self, args: list[str], run_dir: Path) -> None:
+    def _launch(self, args: list[str], run_dir: Path, threads: int | None, log: Path) -> None:
         ranks = self.rc["ranks"]
         if ranks == 1:
             cmd = [sys.executable, "-m", "tcd_ds.train", *args]
@@ -287,22 +292,23 @@ class Pipeline:
             launcher = [launcher] if launcher else [sys.executable, "-m", "deepspeed.launcher.runner"]
             cmd = [*launcher, "--num_accelerators", str(ranks), "--master_port", str(free_port()), str(TRAIN_PY),
                    *args]
-        log = self.log()
         with open(log, "a") as f:
             f.write(f"\n===== {time.strftime('%H:%M:%S')} {run_dir}\n$ {' '.join(cmd)}\n")
             f.flush()
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env())
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env(threads))
+            self.training.append(proc)
             try:
                 while True:
                     try:
                         rc = proc.wait(timeout=60)
                         break
                     except subprocess.TimeoutExpired:
-                        self.say(f"    {_last_progress(log)}")
+                        self.say(f"    {run_dir.name}: {_last_progress(log)}")
             except BaseException:
-                proc.terminate()  # the trainer saves a checkpoint on SIGTERM
-                proc.wait(timeout=120)
+                _stop(proc)
                 raise
+            finally:
+                self.training.remove(proc)
         if rc == 85:  # the trainer's REQUEUE_EXIT: stopped by a signal after saving a checkpoint
             raise ExperimentError(f"training {run_dir} was stopped by a signal (checkpoint saved); re-run to resume")
         if rc != 0:
@@ -371,6 +377,15 @@ class Pipeline:
             raise
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """End a trainer: on SIGTERM it saves a checkpoint, then exits (resumable)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def _last_progress(log: Path) -> str:
     with open(log, "rb") as f:
         f.seek(max(0, f.seek(0, os.SEEK_END) - 4000))
@@ -428,9 +443,25 @@ def _pretrain_cadence(rc: dict) -> list[str]:
 
 
 def step_pretrain(p: Pipeline) -> None:
+    """The MoE baseline and the TCD student: the same data, steps and cadence. With
+    `pretrain_jobs: 2` they train side by side, each on max(1, threads // 2) threads; each run logs
+    to `<out>/pretrain/<run>.log`."""
     dirs, cadence = run_dirs(p.out, p.rc), _pretrain_cadence(p.rc)
-    p.train(dirs["baseline"], "moe", cadence)
-    p.train(dirs["tcd"], "tcd", [_teacher_path(p), *cadence])
+    runs = [(dirs["baseline"], "moe", cadence), (dirs["tcd"], "tcd", [_teacher_path(p), *cadence])]
+    jobs = p.rc["pretrain_jobs"]
+    threads = None if jobs == 1 else max(1, p.rc["threads"] // jobs)
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(p.train, run_dir, mode, extra, threads=threads, log=f"{run_dir.name}.log")
+                   for run_dir, mode, extra in runs]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:  # one run failed or the pipeline was stopped: start no other,
+                future.cancel()
+            for proc in list(p.training):  # and stop the one still training
+                _stop(proc)
+            raise
 
 
 def _final_val(run_dir: Path) -> float:
