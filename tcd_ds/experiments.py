@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import yaml
@@ -283,15 +283,17 @@ class Pipeline:
 
         return self.unit(run_dir, fingerprint, work)
 
-    def _launch(self, args: list[str], run_dir: Path, threads: int | None, log: Path) -> None:
+    def trainer_command(self, args: list[str]) -> list[str]:
+        """The trainer's command line: one process, or the deepspeed launcher for `ranks` > 1."""
         ranks = self.rc["ranks"]
         if ranks == 1:
-            cmd = [sys.executable, "-m", "tcd_ds.train", *args]
-        else:
-            launcher = shutil.which("deepspeed")
-            launcher = [launcher] if launcher else [sys.executable, "-m", "deepspeed.launcher.runner"]
-            cmd = [*launcher, "--num_accelerators", str(ranks), "--master_port", str(free_port()), str(TRAIN_PY),
-                   *args]
+            return [sys.executable, "-m", "tcd_ds.train", *args]
+        launcher = shutil.which("deepspeed")
+        launcher = [launcher] if launcher else [sys.executable, "-m", "deepspeed.launcher.runner"]
+        return [*launcher, "--num_accelerators", str(ranks), "--master_port", str(free_port()), str(TRAIN_PY), *args]
+
+    def _launch(self, args: list[str], run_dir: Path, threads: int | None, log: Path) -> None:
+        cmd = self.trainer_command(args)
         with open(log, "a") as f:
             f.write(f"\n===== {time.strftime('%H:%M:%S')} {run_dir}\n$ {' '.join(cmd)}\n")
             f.flush()
@@ -454,7 +456,7 @@ def step_pretrain(p: Pipeline) -> None:
         futures = [pool.submit(p.train, run_dir, mode, extra, threads=threads, log=f"{run_dir.name}.log")
                    for run_dir, mode, extra in runs]
         try:
-            for future in futures:
+            for future in as_completed(futures):  # the first to fail, whichever it is, stops the step
                 future.result()
         except BaseException:
             for future in futures:  # one run failed or the pipeline was stopped: start no other,

@@ -228,6 +228,78 @@ def test_packaged_recipes_are_valid():
     assert {"tiny", "small"} <= {p.stem for p in ex.RECIPES.glob("*.yaml")}
 
 
+
+FAKE_TRAINER = """
+import json, os, sys, time
+from pathlib import Path
+args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a and not a.startswith("-"))
+mode = sys.argv[sys.argv.index("--mode") + 1]
+run = Path(args["run_dir"])
+run.mkdir(parents=True, exist_ok=True)
+start = time.time()
+if mode == os.environ.get("FAKE_FAIL_MODE"):
+    sys.exit(1)
+time.sleep(float(os.environ["FAKE_SECONDS_" + mode]))
+(run / "seen.json").write_text(json.dumps({"threads": os.environ.get("OMP_NUM_THREADS"), "start": start,
+                                            "end": time.time(), "teacher": args.get("teacher.path")}))
+(run / "summary.json").write_text(json.dumps({"steps": int(args["train.max_steps"]), "eval": {}}))
+"""
+
+
+@pytest.fixture
+def fake_pipeline(tmp_path, monkeypatch):
+    """A Pipeline of the tiny recipe whose trainer is a script that records its threads and times."""
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(ex.Pipeline, "trainer_command", lambda self, args: [sys.executable, str(script), *args])
+    teacher = tmp_path / "out" / "teacher" / "run" / "export"
+    teacher.mkdir(parents=True)
+    (teacher / "config.json").write_text("{}")
+
+    def make(jobs: int, fail: str = "", seconds: dict | None = None) -> ex.Pipeline:
+        for mode, s in (seconds or {"moe": 1.5, "tcd": 1.5}).items():
+            monkeypatch.setenv(f"FAKE_SECONDS_{mode}", str(s))
+        monkeypatch.setenv("FAKE_FAIL_MODE", fail)
+        _, rc = ex.load("tiny", [f"pretrain_jobs={jobs}", "threads=2"])
+        return ex.Pipeline("tiny", rc, tmp_path / "out")
+    return make
+
+
+def _seen(p: ex.Pipeline, run: str) -> dict:
+    return json.loads((p.out / "pretrain" / run / "seen.json").read_text())
+
+
+def test_pretrain_jobs_2_trains_baseline_and_student_side_by_side_on_half_the_threads(fake_pipeline):
+    p = fake_pipeline(2)
+    p.step = "pretrain"
+    ex.step_pretrain(p)
+    base, tcd = _seen(p, "baseline"), _seen(p, "tcd")
+    assert max(base["start"], tcd["start"]) < min(base["end"], tcd["end"]), "the two runs overlap"
+    assert base["threads"] == tcd["threads"] == "1"
+    assert tcd["teacher"] == str((p.out / "teacher" / "run").resolve()) and base["teacher"] is None
+    for run in ("baseline", "tcd"):
+        assert (p.out / "pretrain" / run / "done.json").is_file()
+        assert f"--mode {'moe' if run == 'baseline' else 'tcd'}" in (p.out / "pretrain" / f"{run}.log").read_text()
+
+
+def test_pretrain_jobs_1_trains_one_after_the_other_on_all_threads(fake_pipeline):
+    p = fake_pipeline(1, seconds={"moe": 0.3, "tcd": 0.3})
+    p.step = "pretrain"
+    ex.step_pretrain(p)
+    base, tcd = _seen(p, "baseline"), _seen(p, "tcd")
+    assert base["end"] <= tcd["start"] and base["threads"] == tcd["threads"] == "2"
+
+
+def test_a_failed_run_side_by_side_stops_the_other_and_fails_the_step(fake_pipeline):
+    p = fake_pipeline(2, fail="tcd", seconds={"moe": 60, "tcd": 0})
+    p.step = "pretrain"
+    start = time.perf_counter()
+    with pytest.raises(ex.ExperimentError, match="pretrain/tcd failed"):
+        ex.step_pretrain(p)
+    assert time.perf_counter() - start < 30, "the baseline was stopped, not waited for"
+    assert not p.training and not (p.out / "pretrain" / "baseline" / "done.json").exists()
+    assert not (p.out / "pretrain" / "baseline" / "seen.json").exists()
+
 # --- end to end ---------------------------------------------------------------------------------
 
 def _overrides(d: Path, cache: Path) -> list[str]:
