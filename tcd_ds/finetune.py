@@ -194,6 +194,7 @@ def parse_args(argv: Sequence[str] | None = None) -> FinetuneArgs:
                 description="Fine-tune a (MoE-)BERT export on one GLUE task over an lr x seed grid.")
     defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
                 for f in dataclasses.fields(FinetuneArgs)}
+    defaults = {k: v for k, v in defaults.items() if v is not dataclasses.MISSING}  # a required flag has none
 
     def arg(flag: str, help: str, **kwargs: Any) -> None:  # noqa: A002 - argparse's own name
         name = flag.lstrip("-").replace("-", "_")

@@ -83,6 +83,7 @@ def test_help_shows_the_defaults(module, shown):
     text_out = " ".join(proc.stdout.split())  # argparse wraps lines at the terminal width
     for text in shown:
         assert text in text_out, (text, proc.stdout)
+    assert "object at 0x" not in text_out and "MISSING" not in text_out, proc.stdout  # a required flag's help
 
 
 def test_defaults_formatter_leaves_what_has_no_default():
