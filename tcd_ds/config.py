@@ -266,6 +266,9 @@ class TrainConfig(Section):
     eval_batches: int = 8  # per eval set
     save_every: int = 500  # 0: only at the end
     keep_checkpoints: int = 3
+    # > 0: the run ends, complete (final eval, export, summary), at the first periodic eval whose val MLM
+    # loss is at or below this; the experiments' performance-aligned baseline needs nothing after it
+    stop_at_val_loss: float = 0.0
     max_nonfinite_steps: int = 3  # skipped (non-finite loss or gradient) steps in a row before the run stops
     collective_timeout_s: float = 600.0  # a rank waiting longer on a dead peer fails instead of hanging
 
@@ -278,6 +281,9 @@ class TrainConfig(Section):
             raise ConfigError(f"train.schedule must be linear or cosine, got {self.schedule!r}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0:
             raise ConfigError("train.lr must be > 0 and warmup_steps, eval_every, save_every >= 0")
+        if self.stop_at_val_loss < 0 or (self.stop_at_val_loss > 0 and not self.eval_every):
+            raise ConfigError(f"train.stop_at_val_loss must be >= 0 (0: off) and needs train.eval_every > 0, got "
+                              f"{self.stop_at_val_loss} with eval_every {self.eval_every}")
 
 
 @dataclass

@@ -274,7 +274,8 @@ class Pipeline:
 
         def work() -> dict:
             summary = read_json(run_dir / "summary.json")
-            if not (summary and not summary.get("interrupted") and summary.get("steps", 0) >= steps):
+            if not (summary and not summary.get("interrupted") and (summary.get("steps", 0) >= steps
+                                                                    or summary.get("target_reached"))):
                 self._launch(args, run_dir, threads, self.log(log))
                 summary = read_json(run_dir / "summary.json")
                 if not summary or summary.get("interrupted"):
@@ -484,7 +485,8 @@ def step_align(p: Pipeline) -> None:
     """The performance-aligned baseline: the earliest baseline checkpoint whose val MLM loss is at
     or below the student's final one. When the epoch-aligned baseline already gets there (the
     student is no better at MLM), it is taken from that run's own checkpoints and no longer run is
-    trained; otherwise a baseline of `align.factor` x steps is trained and searched."""
+    trained; otherwise a baseline scheduled for `align.factor` x steps is trained until its first eval
+    at or below the target (`train.stop_at_val_loss`: no step after the one taken is trained)."""
     from tcd_ds.checkpoint import export_checkpoint
 
     dirs, a = run_dirs(p.out, p.rc), p.rc["align"]
@@ -494,7 +496,7 @@ def step_align(p: Pipeline) -> None:
     if not sel["reached"]:
         source, long_steps = "baseline_long", max(1, round(a["factor"] * p.rc["_steps"]))
         p.train(dirs[source], "moe", [f"train.max_steps={long_steps}", f"train.eval_every={a['every']}",
-                                      *_keep_all(long_steps, a["every"])])
+                                      f"train.stop_at_val_loss={target!r}", *_keep_all(long_steps, a["every"])])
         sel = _aligned_selection(dirs[source], target)
     unit_dir = aligned_dir(p.out)
 
@@ -503,6 +505,7 @@ def step_align(p: Pipeline) -> None:
         _copy_vocab(dirs[source], unit_dir / "export")
         return {**sel, "source": source, "student_steps": p.rc["_steps"], "baseline_steps": p.rc["_steps"],
                 "baseline_val": _final_val(dirs["baseline"]), "long_steps": long_steps,
+                "long_ran": read_json(dirs[source] / "summary.json")["steps"] if long_steps else None,
                 "long_val": _final_val(dirs[source]) if long_steps else None}
 
     p.unit(unit_dir, {**sel, "source": source}, work)

@@ -403,10 +403,12 @@ def _alignment_section(c: _Report) -> list[str]:
                 [LABELS["baseline"], al["baseline_steps"], fmt(al["baseline_val"]), "same steps as the student"]]
         if al.get("long_steps"):
             md += [f"Pre-training-performance alignment: the epoch-aligned baseline does not reach the student's "
-                   f"val MLM loss, so a baseline is trained {rc['align']['factor']:g}× longer ({al['long_steps']} "
-                   f"steps, eval + checkpoint every {rc['align']['every']}); the earliest checkpoint whose val "
-                   "MLM loss <= the student's final val MLM loss is taken.", ""]
-            rows.append([LABELS["baseline_long"], al["long_steps"], fmt(al["long_val"]), "end of the long run"])
+                   f"val MLM loss, so a baseline is scheduled {rc['align']['factor']:g}× longer ({al['long_steps']} "
+                   f"steps, eval + checkpoint every {rc['align']['every']}) and trained until its first eval at or "
+                   "below the student's final val MLM loss; that checkpoint is taken.", ""]
+            ran = al.get("long_ran") or al["long_steps"]
+            rows.append([LABELS["baseline_long"], ran, fmt(al["long_val"]),
+                         "stopped at the target" if ran < al["long_steps"] else "end of the long run"])
         else:
             md += ["Pre-training-performance alignment: the epoch-aligned baseline already reaches the student's "
                    "val MLM loss, so the earliest of its own checkpoints (eval + checkpoint every "

@@ -439,6 +439,8 @@ class Trainer:
     step_time: float = 0.0  # seconds in steps, since this process started
     clock: PhaseClock = dataclasses.field(default_factory=PhaseClock)  # the steps' time per phase
     last: dict = dataclasses.field(default_factory=dict)  # the last logged window
+    target_reached: int | None = None  # the step whose eval met train.stop_at_val_loss (the run ends there)
+    target_evals: dict | None = None  # that eval
 
     @property
     def cfg(self) -> Config:
@@ -780,7 +782,13 @@ def train(run: Run, stop: StopRequest | None = None) -> dict:
                 log_window(t, window, t.step, result)
             stopping = stop.agreed(run.device)  # before the eval: after a signal, save at once
             if due(cfg.train.eval_every, t.step, last) and not stopping:
-                t.metrics.append("eval", t.step, run_evals(t))
+                evals = run_evals(t)
+                t.metrics.append("eval", t.step, evals)
+                if cfg.train.stop_at_val_loss > 0 and evals["val"]["mlm_loss"] <= cfg.train.stop_at_val_loss:
+                    t.target_reached, t.target_evals = t.step, evals
+                    t.monitor.message(f"val mlm {evals['val']['mlm_loss']:.4f} <= train.stop_at_val_loss "
+                                      f"{cfg.train.stop_at_val_loss:g}: the run ends at step {t.step}")
+                    break
             if stopping:
                 interrupted = True
                 save(t, t.step)
@@ -800,10 +808,13 @@ def finish(t: Trainer, interrupted: bool) -> dict:
     """The end of the run: (unless interrupted) the final eval, the last checkpoint and its export;
     then summary.json."""
     run = t.run
-    summary = {"mode": t.cfg.mode, "steps": t.step, "tokens": t.tokens, "interrupted": interrupted}
+    summary = {"mode": t.cfg.mode, "steps": t.step, "tokens": t.tokens, "interrupted": interrupted,
+               "target_reached": t.target_reached}
     if not interrupted:
-        evals = run_evals(t)
-        t.metrics.append("eval", t.step, evals)
+        evals = t.target_evals  # the run ended at train.stop_at_val_loss: this step's eval is done
+        if evals is None:
+            evals = run_evals(t)
+            t.metrics.append("eval", t.step, evals)
         final = save(t, t.step)
         if run.layout.is_main:
             checkpoint.export_checkpoint(final, run.run_dir / "export")

@@ -1,6 +1,8 @@
 """The config tree's answers to unknown keys: the nearest *full* path, from an override or a recipe."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tcd_ds.config import Config, ConfigError, apply_overrides, config_paths, from_dict, nearest_paths
@@ -132,3 +134,15 @@ def test_bad_values_in_other_trees_are_one_line_in_their_own_words(item, message
     with pytest.raises(ConfigError) as err:
         apply_overrides(_Tree(), [item])
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("items, message", [
+    (["train.stop_at_val_loss=-1"], "train.stop_at_val_loss must be >= 0 (0: off)"),
+    (["train.stop_at_val_loss=4.2", "train.eval_every=0"], "needs train.eval_every > 0, got 4.2 with eval_every 0"),
+])
+def test_stop_at_val_loss_needs_periodic_evals(items, message):
+    from tcd_ds.config import build_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_config("tiny", ["mode=moe", *items])
+    assert build_config("tiny", ["mode=moe", "train.stop_at_val_loss=4.2"]).train.stop_at_val_loss == 4.2

@@ -52,7 +52,7 @@ def _finished_run(run_dir: Path, history) -> None:
         tag.mkdir(parents=True, exist_ok=True)
         (tag / "complete.json").write_text("{}")
     (run_dir / "summary.json").write_text(json.dumps({
-        "eval_history": _hist(*history), "eval": {"val": {"mlm_loss": history[-1][1]}}}))
+        "steps": history[-1][0], "eval_history": _hist(*history), "eval": {"val": {"mlm_loss": history[-1][1]}}}))
 
 
 def _align_rc() -> dict:
@@ -91,8 +91,10 @@ def test_align_trains_a_longer_baseline_when_the_student_is_better(tmp_path, exp
     ex.step_align(p)
     assert [(name, mode) for name, mode, _ in p.trained] == [("baseline_long", "moe")]
     assert "train.max_steps=60" in p.trained[0][2] and "train.eval_every=10" in p.trained[0][2]
+    assert "train.stop_at_val_loss=3.0" in p.trained[0][2]  # the student's final val MLM loss: no step after it
     done = json.loads((ex.aligned_dir(tmp_path) / "done.json").read_text())
     assert done["source"] == "baseline_long" and done["step"] == 40 and done["long_steps"] == 60
+    assert done["long_ran"] == 60
     assert exported == [dirs["baseline_long"] / "checkpoints" / "step_00000040"]
 
 
@@ -299,6 +301,19 @@ def test_a_failed_run_side_by_side_stops_the_other_and_fails_the_step(fake_pipel
     assert time.perf_counter() - start < 30, "the baseline was stopped, not waited for"
     assert not p.training and not (p.out / "pretrain" / "baseline" / "done.json").exists()
     assert not (p.out / "pretrain" / "baseline" / "seen.json").exists()
+
+
+def test_a_run_that_stopped_at_its_target_is_finished(fake_pipeline):
+    """train.stop_at_val_loss ends a run before max_steps, complete: re-run after the trainer finished
+    (the pipeline stopped before writing done.json), the unit is done without launching it again."""
+    p = fake_pipeline(1, seconds={"moe": 0})
+    p.step = "align"
+    run = p.out / "align" / "baseline_long"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"steps": 4, "target_reached": 4, "interrupted": False}))
+    done = p.train(run, "moe", ["train.max_steps=9", "train.eval_every=2", "train.stop_at_val_loss=4.5"])
+    assert done["steps"] == 4 and (run / "done.json").is_file()
+    assert not (p.out / "align" / "train.log").exists(), "the trainer was not launched again"
 
 # --- end to end ---------------------------------------------------------------------------------
 

@@ -159,6 +159,27 @@ def test_every_run_ends_with_one_summary_block(shared_data, cache, tiny_teacher,
     assert "untested optimizer" not in proc.stdout + proc.stderr  # expected here: filtered (monitor.py)
 
 
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.parametrize("target, steps", [(1000.0, 2), (0.001, 4)])
+def test_stop_at_val_loss_ends_the_run_complete_at_the_first_eval_that_meets_it(shared_data, cache, tmp_path,
+                                                                               target, steps):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tcd_ds.train", "--config", "tiny", "--mode", "vanilla", "--deepspeed_config",
+           "ds_configs/cpu_zero2.json", *quick(shared_data, cache, run, 4, "train.eval_every=2",
+                                               f"train.stop_at_val_loss={target}")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == steps and not summary["interrupted"]
+    assert summary["target_reached"] == (2 if steps == 2 else None)
+    assert [e["step"] for e in summary["eval_history"]] == [2, 4][:steps // 2], "one eval a step, none repeated"
+    assert summary["eval"]["val"] == {k: v for k, v in summary["eval_history"][-1]["val"].items()}
+    assert (run / "export" / "config.json").is_file() and (run / "checkpoints" / f"step_{steps:08d}").is_dir()
+    assert ("the run ends at step 2" in proc.stdout + proc.stderr) == (steps == 2)
+
 def test_summary_block_of_an_interrupted_run():
     from tcd_ds.monitor import run_summary_block
 
