@@ -365,6 +365,8 @@ def test_pipeline_writes_every_table_and_plot(pipeline):
         assert (out / step / "done.json").is_file(), step
         assert f"step {step}: finished in" in stdout
     assert (out / "teacher" / "train.log").stat().st_size > 0
+    for run, mode in (("baseline", "moe"), ("tcd", "tcd")):  # side by side (pretrain_jobs: 2), a log each
+        assert f"--mode {mode}" in (out / "pretrain" / f"{run}.log").read_text()
     aligned = json.loads((out / "align" / "aligned" / "done.json").read_text())
     assert aligned["step"] in (3, 6, 9, 12) and (out / "align" / "aligned" / "export" / "config.json").is_file()
     _, rc = ex.load("tiny", _args)
