@@ -142,7 +142,6 @@ def validate(rc: dict) -> None:
     rc["_steps"], rc["_teacher_steps"] = steps, teacher.train.max_steps
 
 
-
 DATA_STEPS = {"teacher", "pretrain", "align", "ablations", "trend", "ood", "analyze"}  # read the corpora
 GLUE_STEPS = {"ablations", "trend", "glue"}  # fine-tune
 
