@@ -672,11 +672,24 @@ class LogWindow:
 
     peak: float  # the matmul peak (FLOP/s; 0 on ranks other than 0 and when not measured)
     flops_per_token: float
-    tokens: int = 0
+    tokens: int = 0  # this rank's, since the last log line (the window's tok/s)
+    uncounted: int = 0  # this rank's, not yet in Trainer.tokens (a checkpoint between log lines counts them)
     start: float = dataclasses.field(default_factory=time.perf_counter)
 
     def add(self, result: StepResult) -> None:
         self.tokens += result.tokens
+        self.uncounted += result.tokens
+
+
+def count_tokens(t: Trainer, window: LogWindow) -> float:
+    """Add every rank's uncounted tokens to `t.tokens` (a collective: every rank calls it at the same
+    step) and return the window's tokens over all ranks. At each log line and before each checkpoint,
+    so the tokens a checkpoint records are those of its steps, and a resumed run counts each step once."""
+    world = t.run.layout.world_size
+    means = all_mean({"tokens": window.tokens, "uncounted": window.uncounted}, t.run.device)
+    t.tokens += round(means["uncounted"] * world)
+    window.uncounted = 0
+    return means["tokens"] * world
 
 
 def log_window(t: Trainer, window: LogWindow, step: int, result: StepResult) -> None:
@@ -685,9 +698,7 @@ def log_window(t: Trainer, window: LogWindow, step: int, result: StepResult) -> 
     world = t.run.layout.world_size
     logged = all_mean(result.parts, t.run.device)
     elapsed = time.perf_counter() - window.start
-    seen = all_mean({"tokens": window.tokens}, t.run.device)["tokens"] * world
-    t.tokens += int(seen)
-    tps = seen / elapsed
+    tps = count_tokens(t, window) / elapsed
     logged.update({"lr": t.scheduler.get_last_lr()[0], "grad_norm": float(t.engine.get_global_grad_norm() or 0.0),
                    "tokens_per_second": tps, "tokens": t.tokens})
     logged.update({f"time_{k}": v for k, v in all_mean(t.clock.take(), t.run.device).items()})
@@ -746,7 +757,8 @@ class StopRequest:
 
 
 
-def save(t: Trainer, step: int) -> Path:
+def save(t: Trainer, step: int, window: LogWindow) -> Path:
+    count_tokens(t, window)
     return save_checkpoint(t.engine, t.run.ckpt_dir, step, {"step": step, "tokens": t.tokens},
                            config_to_hf(t.model_cfg), t.cfg, t.run.device)
 
@@ -791,23 +803,24 @@ def train(run: Run, stop: StopRequest | None = None) -> dict:
                     break
             if stopping:
                 interrupted = True
-                save(t, t.step)
+                save(t, t.step, window)
                 t.monitor.message(f"signal {stop.signal}: saved step {t.step}; exiting with status {REQUEUE_EXIT} "
                                   "(requeue)")
                 break
             if due(cfg.train.save_every, t.step, last):
-                save(t, t.step)
-        return finish(t, interrupted)
+                save(t, t.step, window)
+        return finish(t, interrupted, window)
     finally:  # events written so far reach the disk, also when the run stops on an error
         t.monitor.close()
         if t.taps:
             t.taps.remove()
 
 
-def finish(t: Trainer, interrupted: bool) -> dict:
+def finish(t: Trainer, interrupted: bool, window: LogWindow) -> dict:
     """The end of the run: (unless interrupted) the final eval, the last checkpoint and its export;
     then summary.json."""
     run = t.run
+    count_tokens(t, window)  # the steps since the last log line (a run that ended at its target)
     summary = {"mode": t.cfg.mode, "steps": t.step, "tokens": t.tokens, "interrupted": interrupted,
                "target_reached": t.target_reached}
     if not interrupted:
@@ -815,7 +828,7 @@ def finish(t: Trainer, interrupted: bool) -> dict:
         if evals is None:
             evals = run_evals(t)
             t.metrics.append("eval", t.step, evals)
-        final = save(t, t.step)
+        final = save(t, t.step, window)
         if run.layout.is_main:
             checkpoint.export_checkpoint(final, run.run_dir / "export")
             tok_file = Path(t.cfg.data.vocab)

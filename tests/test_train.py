@@ -167,7 +167,7 @@ def test_stop_at_val_loss_ends_the_run_complete_at_the_first_eval_that_meets_it(
                                                                                target, steps):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "tcd_ds.train", "--config", "tiny", "--mode", "vanilla", "--deepspeed_config",
-           "ds_configs/cpu_zero2.json", *quick(shared_data, cache, run, 4, "train.eval_every=2",
+           "ds_configs/cpu_zero2.json", *quick(shared_data, cache, run, 4, "train.eval_every=2", "train.log_every=3",
                                                f"train.stop_at_val_loss={target}")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -179,6 +179,30 @@ def test_stop_at_val_loss_ends_the_run_complete_at_the_first_eval_that_meets_it(
     assert summary["eval"]["val"] == {k: v for k, v in summary["eval_history"][-1]["val"].items()}
     assert (run / "export" / "config.json").is_file() and (run / "checkpoints" / f"step_{steps:08d}").is_dir()
     assert ("the run ends at step 2" in proc.stdout + proc.stderr) == (steps == 2)
+    assert summary["tokens"] == steps * 8 * 64  # steps after the last log line counted (packed: no padding)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_a_checkpoint_between_log_lines_records_the_tokens_of_its_steps(shared_data, cache, tmp_path):
+    """A resumed run starts from the checkpoint's token count: it must include the steps since the
+    last log line (it lacked them: a run resumed from step 161 of a 50-step log cadence counted 11
+    steps too few)."""
+    import torch
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tcd_ds.train", "--config", "tiny", "--mode", "vanilla", "--deepspeed_config",
+           "ds_configs/cpu_zero2.json", *quick(shared_data, cache, run, 8, "train.log_every=5", "train.save_every=3",
+                                               "train.keep_checkpoints=5")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    per_step = 8 * 64  # micro-batch 8 x 64 packed tokens
+    assert json.loads((run / "summary.json").read_text())["tokens"] == 8 * per_step
+    for step in (3, 6):
+        state = torch.load(run / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt",
+                           weights_only=True, map_location="cpu")
+        assert (state["step"], state["tokens"]) == (step, step * per_step)
 
 def test_summary_block_of_an_interrupted_run():
     from tcd_ds.monitor import run_summary_block
