@@ -206,6 +206,19 @@ def one_rank_first(fn, layout: Layout, timeout_s: float = BUILD_TIMEOUT_S):
         dist.destroy_process_group(group)
 
 
+def close_ranks() -> None:
+    """The end of a rank that finished its work: meet the others, then close the process group. A
+    rank left to tear its communicators down at interpreter exit could abort there ("terminate
+    called without an active exception", SIGABRT) after a correct run: seen on 2 CPU ranks in bf16,
+    in 2 of 3 two-step runs."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        import deepspeed.comm as ds_comm
+
+        ds_comm.destroy_process_group()
+
+
 # --- the port: chosen by the user, or free -------------------------------------------------------
 
 LAUNCHER_DEFAULT_PORT = 29500  # deepspeed's (and torch's) default master port
