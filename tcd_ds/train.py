@@ -45,8 +45,8 @@ from tcd_ds.data.fallback import is_fallback_vocab, resolve_sources, vocab_falls
 from tcd_ds.data.mlm import mask_tokens, mlm_generator
 from tcd_ds.data.shards import PackedDataset, SampleOrder, build_token_cache, read_index, split_train_val
 from tcd_ds.data.tokenizer import load_tokenizer, resolve_vocab_path, special_ids
-from tcd_ds.dist import (Layout, close_ranks, check_expert_groups_local, detect_layout, device_for, init_distributed,
-                         one_rank_first)
+from tcd_ds.dist import (Layout, check_expert_groups_local, close_ranks, detect_layout, device_for,
+                         init_distributed, one_rank_first)
 from tcd_ds.distill.objective import RelationObjective, check_compatible
 from tcd_ds.distill.taps import Taps, tap_points
 from tcd_ds.distill.teacher import FrozenTeacher, load_teacher, read_teacher_config, teacher_dir
