@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -59,6 +60,28 @@ RESERVED = ("mode", "run_dir", "teacher.path")  # set by the pipeline
 
 class ExperimentError(ValueError):
     """A bad recipe or a failed unit: one line for the user."""
+
+
+class Stopped(BaseException):
+    """SIGTERM, SIGHUP or SIGINT reached the pipeline: it stops its trainers (each saves a checkpoint)
+    and fine-tunings, records the invocation and exits with 128 + the signal's number. A
+    BaseException, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signals() -> dict:
+    """Turn SIGTERM and SIGHUP into `Stopped` in the main thread (SIGINT comes as KeyboardInterrupt).
+    By default they would end this process at once, leaving its trainer running on without it;
+    returns the handlers to restore. Later signals are ignored while the pipeline stops."""
+    def handle(signum, frame):
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    return {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGHUP)}
 
 
 # --- recipe -------------------------------------------------------------------------------------
@@ -706,14 +729,15 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python -m tcd_ds.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
     p = Pipeline(name, rc, out)
     p.say(f"experiment {name} -> {out} (steps {', '.join(steps)}); DeepSpeed config {rc['ds_config']} ({how})")
-    walls = {}
+    walls, stopped, step_start = {}, None, None
+    previous = _stop_on_signals()
     try:
         for i, step in enumerate(s for s in STEPS if s in steps):
-            p.step, start = step, time.perf_counter()
+            p.step, step_start = step, time.perf_counter()
             p.say(f"step {STEPS.index(step) + 1}/{len(STEPS)} {step}: start")
             STEP_FNS[step](p)
             p.drain()
-            walls[step] = time.perf_counter() - start
+            walls[step] = time.perf_counter() - step_start
             units = [read_json(f) for f in sorted((out / step).rglob("done.json")) if f.parent != out / step]
             write_json(out / step / "done.json", {"step": step, "units": len(units), "wall_s_last_invocation":
                                                   round(walls[step], 2), "seconds": round(sum(
@@ -723,12 +747,24 @@ def main(argv: list[str] | None = None) -> dict:
         p.say(f"error: {err}")
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except (Stopped, KeyboardInterrupt) as err:
+        stopped = signal.Signals(err.signum if isinstance(err, Stopped) else signal.SIGINT)
+        message = (f"stopped by {stopped.name} in step {p.step}: a training saves its checkpoint on the way out, a "
+                   f"fine-tuning is ended; re-run the same command to resume")
+        p.say(message)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(128 + stopped.value) from None
     finally:
         p.drain_quietly()
+        if stopped and step_start is not None and p.step not in walls:  # the step running counts up to the signal
+            walls[p.step] = time.perf_counter() - step_start
         with open(out / "invocations.jsonl", "a") as f:
             f.write(json.dumps({"command": command, "cwd": os.getcwd(), "started": time.strftime(
                 "%Y-%m-%d %H:%M:%S", time.localtime(time.time() - (time.perf_counter() - p.t0))),
-                "wall_s": round(time.perf_counter() - p.t0, 1), "steps": walls, "ran": p.ran}) + "\n")
+                "wall_s": round(time.perf_counter() - p.t0, 1), "steps": walls, "ran": p.ran,
+                **({"stopped": stopped.name, "stopped_in": p.step} if stopped else {})}) + "\n")
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     path = report.write_report(out, name, rc, command)
     p.say(f"report: {path} ({len(p.ran)} units run, {len(p.skipped)} skipped)")
     return {"out": str(out), "report": str(path), "ran": p.ran, "skipped": p.skipped}

@@ -353,9 +353,9 @@ def _wall_time_section(c: _Report) -> list[str]:
     out, rc, inv = c.out, c.rc, c.inv
     md: list[str] = []
     walls: dict[str, float] = {}
-    for i in inv:  # wall time of the invocations that ran units of the step
+    for i in inv:  # wall time of the invocations that ran units of the step or were stopped in it
         for step, wall in i.get("steps", {}).items():
-            if any(u.split("/")[0] == step for u in i.get("ran", [])):
+            if any(u.split("/")[0] == step for u in i.get("ran", [])) or i.get("stopped_in") == step:
                 walls[step] = walls.get(step, 0.0) + wall
     rows = []
     for i, step in enumerate(STEPS, 1):
@@ -364,7 +364,8 @@ def _wall_time_section(c: _Report) -> list[str]:
                      format_duration(walls[step]) if step in walls else "–",
                      format_duration(d["seconds"]) if d else "–"])
     rows.append(["total", "", format_duration(sum(walls.values())), ""])
-    md += [HEADINGS[1], "", "Wall time = the time the step took in the invocation(s) that ran its units; unit time = "
+    md += [HEADINGS[1], "", "Wall time = the time the step took in the invocation(s) that ran its units or were "
+           "stopped in it; unit time = "
            f"the sum of its units' own times (fine-tunings run {rc['jobs']} at a time, so theirs overlap).", "",
            md_table(["step", "units", "wall time", "unit time"], rows), ""]
     return md

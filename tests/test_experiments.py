@@ -6,9 +6,12 @@ from __future__ import annotations
 import copy
 import json
 import re
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -314,6 +317,71 @@ def test_a_run_that_stopped_at_its_target_is_finished(fake_pipeline):
     done = p.train(run, "moe", ["train.max_steps=9", "train.eval_every=2", "train.stop_at_val_loss=4.5"])
     assert done["steps"] == 4 and (run / "done.json").is_file()
     assert not (p.out / "align" / "train.log").exists(), "the trainer was not launched again"
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_stops_the_experiment_with_its_trainer_and_records_the_invocation(signum, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """`kill <pipeline pid>` (or a closed terminal) used to end the pipeline at once and leave its
+    trainer running on, orphaned, into a run dir that a re-run would train in too. Now the pipeline
+    stops its trainer (which saves a checkpoint on SIGTERM), records the invocation and exits 128 + N."""
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    script, pid_file = tmp_path / "slow_trainer.py", tmp_path / "trainer.pid"
+    script.write_text(f"import os, pathlib, time\npathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\n"
+                      "time.sleep(30)\n")
+    monkeypatch.setattr(ex.Pipeline, "trainer_command", lambda self, args: [sys.executable, str(script)])
+    unhandled = []
+
+    def callers_handler(*args):  # without the pipeline's own: the signal is recorded, not fatal
+        unhandled.append(args)
+
+    before = signal.signal(signum, callers_handler)
+    out = tmp_path / "out"
+
+    def send():
+        while not pid_file.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signum)
+
+    threading.Thread(target=send, daemon=True).start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(SystemExit) as err:
+            ex.main(["tiny", "--out", str(out), "--steps", "teacher", f"pretrain.data.corpus={corpus}",
+                     "pretrain.data.vocab=wordpiece:512", f"pretrain.data.eval_corpora=wt={corpus}"])
+        assert not unhandled, "the pipeline handled the signal"
+    finally:
+        restored = signal.getsignal(signum)
+        signal.signal(signum, before)
+    assert err.value.code == 128 + signum
+    assert time.perf_counter() - start < 20, "the trainer was stopped, not waited for"
+    trainer = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(trainer, 0)  # stopped and reaped: no orphan trains on
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith(f"error: stopped by {signal.Signals(signum).name} in step teacher")
+    assert "re-run the same command to resume" in message
+    record = json.loads((out / "invocations.jsonl").read_text().splitlines()[-1])
+    assert record["stopped"] == signal.Signals(signum).name and record["stopped_in"] == "teacher"
+    assert record["ran"] == [] and record["steps"]["teacher"] > 0
+    assert not (out / "teacher" / "run" / "done.json").exists()
+    assert restored is callers_handler, "the caller's handler is restored"
+
+
+def test_wall_time_counts_the_invocations_that_ran_or_were_stopped_in_a_step(tmp_path):
+    """A training stopped by a signal and resumed later finishes in the second invocation; the step's
+    wall time is both invocations', not the last one's only. An invocation that skipped the step adds nothing."""
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "done.json").write_text(json.dumps({"units": 1, "seconds": 700}))
+    inv = [{"steps": {"teacher": 600.0}, "ran": [], "stopped": "SIGTERM", "stopped_in": "teacher"},
+           {"steps": {"teacher": 100.0, "pretrain": 5.0}, "ran": ["teacher/run"]},
+           {"steps": {"teacher": 0.01}, "ran": []}]
+    c = report._Report(tmp_path, ex.load("tiny")[1], "cmd", {}, inv=inv)
+    lines = "\n".join(report._wall_time_section(c)).splitlines()
+    row = next(line for line in lines if line.startswith("| 1. teacher"))
+    assert row.split("|")[2:5] == [" 1 ", " 11m40s ", " 11m40s "], row
+
 
 # --- end to end ---------------------------------------------------------------------------------
 
