@@ -525,11 +525,12 @@ def _ood_section(c: _Report) -> list[str]:
             ref = interp if interp is not None else bal["gutenberg"]["mlm_loss"]
             d = tcd_m["gutenberg"]["mlm_loss"] - ref
             gap = [m["gutenberg"]["mlm_loss"] - m["val"]["mlm_loss"] for m in (tcd_m, bal)]
+            direction = "the direction the paper reports" if d < 0 else "against the paper's direction"
             findings.append(
                 f"OOD: at matched in-domain loss the TCD student's Gutenberg MLM loss is {'lower' if d < 0 else 'higher'}"
                 f" than the baseline's ({fmt(tcd_m['gutenberg']['mlm_loss'])} vs {fmt(ref)}"
                 f"{' interpolated' if interp is not None else ''}; OOD − val gap {gap[0]:.3f} vs {gap[1]:.3f} for the "
-                f"perf-aligned checkpoint): {'the direction the paper reports' if d < 0 else 'not the paper`s direction'}"
+                f"perf-aligned checkpoint): {direction}"
                 f"{', but only by ' + f'{abs(d):.3f} nats, too small to count as a reproduction' if abs(d) < 0.02 else ''}.")
     else:
         md += ["(not run)", ""]

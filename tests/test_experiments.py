@@ -428,6 +428,8 @@ def test_pipeline_writes_every_table_and_plot(pipeline):
         assert png.is_file() and png.stat().st_size > 1000 and png.read_bytes()[:8] == PNG_MAGIC, name
         assert f"](plots/{name})" in text
     assert "python -m tcd_ds.experiments tiny --out" in text and "cpus (os.cpu_count)" in text
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)  # an odd backtick opens a code span it never closes
+    assert not [line for line in prose.splitlines() if line.count("`") % 2], "unbalanced backticks"
     assert "QNLI skipped" in text and "| TI |" in text and "MoE baseline (perf-aligned)" in text
     for step in ex.STEPS:
         assert (out / step / "done.json").is_file(), step
