@@ -56,6 +56,7 @@ from tcd_ds.model.bert import BertForMaskedLM, flops_per_token, num_parameters
 from tcd_ds.model.hf import CheckpointError, config_to_hf
 from tcd_ds.monitor import MetricsLog, Monitor, measure_matmul_peak, quiet_known_warnings, run_summary_block
 from tcd_ds.optim import GuardedAdamW, GuardedLambdaLR, build_optimizer
+from tcd_ds.run_lock import RunDirInUse, RunDirLock
 
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, OSError)
 REPO = Path(__file__).resolve().parents[1]
@@ -175,6 +176,7 @@ class Run:
     teacher_dir: Path | None
     resume_tag: str | None  # the checkpoint tag resumed from; None: from step 0
     resume_skipped: tuple[str, ...] = ()  # incomplete checkpoints passed over, with the reason
+    lock: RunDirLock | None = None  # global rank 0: this run's hold on its run dir (tcd_ds/run_lock.py)
 
     @property
     def run_dir(self) -> Path:
@@ -275,20 +277,28 @@ def resolve_run(cfg: Config, ds_path: str, resume: str, layout: Layout) -> Run:
         check_compatible(dataclasses.replace(student, vocab_size=teacher.vocab_size) if deferred else student,
                          teacher, cfg.distill)
     check_data_inputs(cfg)
-    tag, skipped = resume_point(cfg, resume)
-    if tag is not None and not deferred:  # a changed shape is refused before any compute
-        check_resumable(cfg, tag, data=False)
-    device = init_distributed(layout, cfg.train.collective_timeout_s)
-    spanning = check_expert_groups_local(cfg.model.moe.ep_size if cfg.mode != "vanilla" else 1)
-    if spanning and layout.is_main:
-        print(spanning, file=sys.stderr)
-    cfg = resolve_data(cfg, layout)
-    if teacher is not None and deferred:
-        check_compatible(cfg.student_model(), teacher, cfg.distill)
-    if tag is not None:
-        check_resumable(cfg, tag, shape=deferred)
+    # one training per run dir, held before the resume point is chosen; a refused rank 0 exits before
+    # the process group starts, and the launcher (deepspeed, srun) then ends the other ranks
+    lock = RunDirLock.acquire(Path(cfg.run_dir)) if layout.is_main else None
+    try:
+        tag, skipped = resume_point(cfg, resume)
+        if tag is not None and not deferred:  # a changed shape is refused before any compute
+            check_resumable(cfg, tag, data=False)
+        device = init_distributed(layout, cfg.train.collective_timeout_s)
+        spanning = check_expert_groups_local(cfg.model.moe.ep_size if cfg.mode != "vanilla" else 1)
+        if spanning and layout.is_main:
+            print(spanning, file=sys.stderr)
+        cfg = resolve_data(cfg, layout)
+        if teacher is not None and deferred:
+            check_compatible(cfg.student_model(), teacher, cfg.distill)
+        if tag is not None:
+            check_resumable(cfg, tag, shape=deferred)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
     return Run(freeze(cfg), ds_config, layout, device, ds_dtype(ds_config), teacher,
-               teacher_dir(cfg.teacher.path).resolve() if teacher is not None else None, tag, skipped)
+               teacher_dir(cfg.teacher.path).resolve() if teacher is not None else None, tag, skipped, lock)
 
 
 # --- builders: each reads the resolved Run --------------------------------------------------
@@ -875,7 +885,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = build_config(args.config, overrides)
         layout = detect_layout()
         run = resolve_run(cfg, args.deepspeed_config, args.resume, layout)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, RunDirInUse) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     try:
@@ -886,6 +896,9 @@ def main(argv: list[str] | None = None) -> dict:
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(NONFINITE_EXIT) from None
+    finally:
+        if run.lock:
+            run.lock.release()
     close_ranks()
     if layout.is_main:  # where everything went
         info = (f"vanilla BERT, {run.teacher.num_layers} layers x {run.teacher.hidden_size}, frozen"

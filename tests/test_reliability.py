@@ -311,3 +311,45 @@ def test_glue_tsv_with_wrong_columns_fails_with_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len([line for line in lines if line.startswith("error:")]) == 1 and "Traceback" not in proc.stderr
     assert str(task / "dev.tsv") in proc.stderr
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from tcd_ds.run_lock import RunDirLock
+lock = RunDirLock.acquire(Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def _hold(run: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_second_training_in_a_busy_run_dir_is_refused_and_a_dead_holder_leaves_no_lock(shared_data, cache,
+                                                                                           tmp_path, ranks):
+    """Two trainers in one run dir would resume from the same checkpoint and write over each other.
+    While a live process holds the run dir, a trainer exits 2 with one line naming the holder and
+    writes nothing there (with 2 ranks the launcher ends the other rank); once the holder is killed
+    (SIGKILL: no clean-up of its own), the same command trains."""
+    run = tmp_path / "run"
+    args = BASE + ["--mode", "moe"] + quick(shared_data, cache, run, 1, *SMALL_MOE)
+    holder = _hold(run)
+    try:
+        log = tmp_path / "busy.txt"
+        start_s = time.time()
+        proc = launch(args, log, ranks=ranks, timeout=180)
+        text = log.read_text()
+        assert proc.returncode != 0 and time.time() - start_s < 120, text[-3000:]
+        errors = [line for line in text.splitlines() if "error: run dir" in line]
+        assert errors and f"is in use by another training (pid {holder.pid} on " in errors[0], text[-3000:]
+        assert sorted(p.name for p in run.iterdir()) == [".run.lock"], "nothing written in the busy run dir"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert launch(args, tmp_path / "free.txt", ranks=ranks).returncode == 0, (tmp_path / "free.txt").read_text()[-3000:]
+    assert (run / "summary.json").is_file()
