@@ -25,7 +25,6 @@ separator that would fall on the first slot of a chunk is dropped (the previous 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import math
@@ -41,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from tcd_ds.run_lock import NO_LOCK_ERRNOS
 
 from .corpus import describe_source, iter_documents, source_num_bytes
 from .tokenizer import SpecialIds, special_ids, tokenizer_fingerprint
@@ -229,9 +230,6 @@ class _Packer:
         return full_rows, last_length
 
 
-# flock on a file system without lock support (Lustre mounted without `flock`, some NFS): ENOSYS,
-# EOPNOTSUPP, ENOLCK, EINVAL
-_NO_LOCKS = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL}
 _unlocked_warned: set[str] = set()
 
 
@@ -250,7 +248,7 @@ def _file_lock(path: Path) -> Iterator[None]:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)
                 locked = True
             except OSError as err:
-                if err.errno not in _NO_LOCKS:
+                if err.errno not in NO_LOCK_ERRNOS:  # else: Lustre without `flock`, some NFS
                     raise
                 if str(path.parent) not in _unlocked_warned:
                     _unlocked_warned.add(str(path.parent))
