@@ -112,6 +112,7 @@ from tcd_ds.optim import adamw, param_groups, warmup_decay
 from tcd_ds.data.tokenizer import VOCAB_FILENAME, load_tokenizer, special_ids
 from tcd_ds.model.bert import BertForSequenceClassification
 from tcd_ds.model.hf import CheckpointError, load_hf_state_dict, read_pretrained
+from tcd_ds.run_lock import RunDirInUse, RunDirLock
 
 DEFAULT_VOCAB = "../shared/data/vocab/bert-base-uncased-vocab.txt"
 STD_DDOF = 1  # sample standard deviation over seeds
@@ -637,45 +638,47 @@ def run_sweep(args: FinetuneArgs) -> dict[str, Any]:
     settings = _run_settings(args, cfg, vocab)
     out = Path(args.out) if args.out else Path(args.model) / "finetune" / spec.name
     out.mkdir(parents=True, exist_ok=True)
-    runs_file = out / "runs.jsonl"
-    previous = _read_runs(runs_file)
-    kind = f"MoE ({cfg.moe.num_experts} experts, top-{cfg.moe.top_k})" if cfg.moe.num_experts else "dense"
-    print(f"{spec.name}: {len(train)} train / {', '.join(f'{len(v)} {k}' for k, v in eval_sets.items())} "
-          f"examples; {kind} model {args.model}; lrs {','.join(map(_lr_key, args.lrs))} seeds "
-          f"{','.join(map(str, args.seeds))} epochs {args.epochs}; {threads}; out {out}", file=sys.stderr, flush=True)
+    with RunDirLock.acquire(out, "fine-tuning"):  # before reading what ran: one sweep at a time here
+        runs_file = out / "runs.jsonl"
+        previous = _read_runs(runs_file)
+        kind = f"MoE ({cfg.moe.num_experts} experts, top-{cfg.moe.top_k})" if cfg.moe.num_experts else "dense"
+        print(f"{spec.name}: {len(train)} train / {', '.join(f'{len(v)} {k}' for k, v in eval_sets.items())} "
+              f"examples; {kind} model {args.model}; lrs {','.join(map(_lr_key, args.lrs))} seeds "
+              f"{','.join(map(str, args.seeds))} epochs {args.epochs}; {threads}; out {out}", file=sys.stderr,
+              flush=True)
 
-    done: dict[tuple[float, int], dict[str, Any]] = {}
-    for lr in args.lrs:
-        for seed in args.seeds:
-            tag = f"{spec.name} lr={_lr_key(lr)} seed={seed}"
-            found = [r for r in previous if _same_run(r, spec.name, model_path, lr, seed, args.epochs, settings)]
-            if found:
-                done[(lr, seed)] = found[-1]
-                print(f"[{tag}] already in {runs_file}, skipped", file=sys.stderr, flush=True)
-                continue
-            torch.manual_seed(seed)
-            model = build_model(args.model, spec.num_labels, args.aux_loss_weight, args.moe_backend,
-                                sd=sd, cfg=cfg).to(device)
-            result = train_one(model, spec, train, eval_sets, lr=lr, seed=seed, epochs=args.epochs,
-                               batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,
-                               weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-                               pad_id=ids.pad, device=device, tag=tag, progress_seconds=args.progress_seconds,
-                               batching=args.batching)
-            record = {"task": spec.name, "model": model_path, "lr": lr, "seed": seed, "epochs": args.epochs,
-                      "settings": settings, "num_train": len(train), **result}
-            _append_run(runs_file, record)
-            done[(lr, seed)] = record
-            del model
+        done: dict[tuple[float, int], dict[str, Any]] = {}
+        for lr in args.lrs:
+            for seed in args.seeds:
+                tag = f"{spec.name} lr={_lr_key(lr)} seed={seed}"
+                found = [r for r in previous if _same_run(r, spec.name, model_path, lr, seed, args.epochs, settings)]
+                if found:
+                    done[(lr, seed)] = found[-1]
+                    print(f"[{tag}] already in {runs_file}, skipped", file=sys.stderr, flush=True)
+                    continue
+                torch.manual_seed(seed)
+                model = build_model(args.model, spec.num_labels, args.aux_loss_weight, args.moe_backend,
+                                    sd=sd, cfg=cfg).to(device)
+                result = train_one(model, spec, train, eval_sets, lr=lr, seed=seed, epochs=args.epochs,
+                                   batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,
+                                   weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                                   pad_id=ids.pad, device=device, tag=tag, progress_seconds=args.progress_seconds,
+                                   batching=args.batching)
+                record = {"task": spec.name, "model": model_path, "lr": lr, "seed": seed, "epochs": args.epochs,
+                          "settings": settings, "num_train": len(train), **result}
+                _append_run(runs_file, record)
+                done[(lr, seed)] = record
+                del model
 
-    summary = summarize(spec, done, args.lrs, args.seeds)
-    results = {"task": spec.name, "model": model_path, "lrs": list(args.lrs), "seeds": list(args.seeds),
-               "epochs": args.epochs, "best_lr": summary["best_lr"], "eval_split": args.eval_split.lower(),
-               "reported": "eval metrics at the end of the last epoch; best lr = highest median glue_score",
-               "std_ddof": STD_DDOF, "settings": settings, "metrics": summary["metrics"],
-               "glue_score": summary["glue_score"], "per_lr": summary["per_lr"]}
-    write_json_atomic(out / "results.json", results)
-    print(format_table(results))
-    return results
+        summary = summarize(spec, done, args.lrs, args.seeds)
+        results = {"task": spec.name, "model": model_path, "lrs": list(args.lrs), "seeds": list(args.seeds),
+                   "epochs": args.epochs, "best_lr": summary["best_lr"], "eval_split": args.eval_split.lower(),
+                   "reported": "eval metrics at the end of the last epoch; best lr = highest median glue_score",
+                   "std_ddof": STD_DDOF, "settings": settings, "metrics": summary["metrics"],
+                   "glue_score": summary["glue_score"], "per_lr": summary["per_lr"]}
+        write_json_atomic(out / "results.json", results)
+        print(format_table(results))
+        return results
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -704,7 +707,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)  # bad arguments: one `error:` line, exit 2 (tcd_ds/cli.py)
     try:
         return run_sweep(args)
-    except (GlueDataError, CheckpointError, ConfigError, FinetuneError, FloatingPointError, OSError) as err:
+    except (GlueDataError, CheckpointError, ConfigError, FinetuneError, FloatingPointError, OSError,
+            RunDirInUse) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 

@@ -456,3 +456,29 @@ def test_bad_arguments_are_one_line_naming_the_flag(extra, message, capsys):
     assert exc.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+
+
+def test_a_second_sweep_in_a_busy_out_dir_is_refused(models, vocab_file, tmp_path, capsys) -> None:
+    """Two sweeps in one out dir would each run the seeds the other is running and append them
+    twice to runs.jsonl: while a live process holds the dir, a sweep exits 2 with one line naming the
+    holder and runs nothing; once the holder has died, the same command runs."""
+    glue_dir = write_sst2(tmp_path / "glue", 64, 32)
+    out = tmp_path / "out"
+    out.mkdir()
+    hold = ("import sys, time\nfrom pathlib import Path\nfrom tcd_ds.run_lock import RunDirLock\n"
+            "lock = RunDirLock.acquire(Path(sys.argv[1]), 'fine-tuning')\nprint('held', flush=True)\ntime.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    args = _args(models["dense"], "SST-2", glue_dir, vocab_file, out, "--lrs", "2e-4", "--seeds", "1")
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as err:
+            finetune.main(args)
+        assert err.value.code == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and f"out dir {out} is in use by another fine-tuning (pid {holder.pid} on " in lines[0]
+        assert not (out / "runs.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(finetune.main(args)["metrics"]["accuracy"]["per_seed"]) == 1
+    assert len(_runs(out)) == 1
