@@ -112,7 +112,7 @@ from tcd_ds.optim import adamw, param_groups, warmup_decay
 from tcd_ds.data.tokenizer import VOCAB_FILENAME, load_tokenizer, special_ids
 from tcd_ds.model.bert import BertForSequenceClassification
 from tcd_ds.model.hf import CheckpointError, load_hf_state_dict, read_pretrained
-from tcd_ds.run_lock import RunDirInUse, RunDirLock
+from tcd_ds.locks import RunDirInUse, RunDirLock
 
 DEFAULT_VOCAB = "../shared/data/vocab/bert-base-uncased-vocab.txt"
 STD_DDOF = 1  # sample standard deviation over seeds

@@ -56,7 +56,7 @@ from tcd_ds.model.bert import BertForMaskedLM, flops_per_token, num_parameters
 from tcd_ds.model.hf import CheckpointError, config_to_hf
 from tcd_ds.monitor import MetricsLog, Monitor, measure_matmul_peak, quiet_known_warnings, run_summary_block
 from tcd_ds.optim import GuardedAdamW, GuardedLambdaLR, build_optimizer
-from tcd_ds.run_lock import RunDirInUse, RunDirLock
+from tcd_ds.locks import RunDirInUse, RunDirLock
 
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, OSError)
 REPO = Path(__file__).resolve().parents[1]
@@ -176,7 +176,7 @@ class Run:
     teacher_dir: Path | None
     resume_tag: str | None  # the checkpoint tag resumed from; None: from step 0
     resume_skipped: tuple[str, ...] = ()  # incomplete checkpoints passed over, with the reason
-    lock: RunDirLock | None = None  # global rank 0: this run's hold on its run dir (tcd_ds/run_lock.py)
+    lock: RunDirLock | None = None  # global rank 0: this run's hold on its run dir (tcd_ds/locks.py)
 
     @property
     def run_dir(self) -> Path:

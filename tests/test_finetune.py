@@ -465,7 +465,7 @@ def test_a_second_sweep_in_a_busy_out_dir_is_refused(models, vocab_file, tmp_pat
     glue_dir = write_sst2(tmp_path / "glue", 64, 32)
     out = tmp_path / "out"
     out.mkdir()
-    hold = ("import sys, time\nfrom pathlib import Path\nfrom tcd_ds.run_lock import RunDirLock\n"
+    hold = ("import sys, time\nfrom pathlib import Path\nfrom tcd_ds.locks import RunDirLock\n"
             "lock = RunDirLock.acquire(Path(sys.argv[1]), 'fine-tuning')\nprint('held', flush=True)\ntime.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     args = _args(models["dense"], "SST-2", glue_dir, vocab_file, out, "--lrs", "2e-4", "--seeds", "1")

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tcd_ds import dist
-from tcd_ds.data import shards
+from tcd_ds import dist, locks
 from tcd_ds.data.shards import build_token_cache, read_index
 from tcd_ds.data.tokenizer import load_tokenizer
 
@@ -139,7 +138,7 @@ def test_token_cache_builds_where_the_file_system_has_no_locks(tmp_path, vocab_f
     def no_locks(fd, op):
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
 
-    monkeypatch.setattr(shards.fcntl, "flock", no_locks)
+    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
     idx = build_token_cache(src, tok, tmp_path / "cache", 16, plain_text="paragraph", progress=False)
     assert read_index(idx).num_sequences > 1
     assert "no file locks" in capsys.readouterr().err
@@ -148,7 +147,7 @@ def test_token_cache_builds_where_the_file_system_has_no_locks(tmp_path, vocab_f
     def broken(fd, op):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(shards.fcntl, "flock", broken)
+    monkeypatch.setattr(locks.fcntl, "flock", broken)
     with pytest.raises(OSError, match="Input/output error"):
         build_token_cache(src, tok, tmp_path / "cache2", 16, plain_text="paragraph", progress=False)
 

@@ -316,7 +316,7 @@ def test_glue_tsv_with_wrong_columns_fails_with_one_line(tmp_path):
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from tcd_ds.run_lock import RunDirLock
+from tcd_ds.locks import RunDirLock
 lock = RunDirLock.acquire(Path(sys.argv[1]))
 print("held", flush=True)
 time.sleep(120)

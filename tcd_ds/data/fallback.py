@@ -47,8 +47,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..config import MIN_TRAINED_VOCAB, DataConfig, trained_vocab_size
+from ..locks import build_lock
 from .corpus import is_local_source, iter_documents
-from .shards import _file_lock
 from .tokenizer import REQUIRED_SPECIAL_TOKENS, VOCAB_FILENAME, resolve_vocab_path
 
 FALLBACK_VOCAB_SIZE = 8192  # an upper bound: the trainer stops when no pair occurs min_frequency times
@@ -99,7 +99,7 @@ def _publish_dir(final: Path, build: Callable[[Path], None]) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.is_dir():
         return final
-    with _file_lock(final.parent / f"{final.name}.lock"):
+    with build_lock(final.parent / f"{final.name}.lock"):
         if final.is_dir():  # built by another process while we waited
             return final
         tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"

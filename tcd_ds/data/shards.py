@@ -41,15 +41,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from tcd_ds.run_lock import NO_LOCK_ERRNOS
+from tcd_ds.locks import build_lock
 
 from .corpus import describe_source, iter_documents, source_num_bytes
 from .tokenizer import SpecialIds, special_ids, tokenizer_fingerprint
-
-try:  # POSIX only; elsewhere concurrent builders are not serialised
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
 
 FORMAT_VERSION = 1
 _PREFIX = "mlm-"
@@ -230,37 +225,6 @@ class _Packer:
         return full_rows, last_length
 
 
-_unlocked_warned: set[str] = set()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive ``fcntl.flock`` on ``path`` (released on exit, or by the OS if the process dies).
-
-    Where the file system has no locks the block runs unlocked, with one note: the trainer's ranks
-    never rely on the lock (one rank builds while the others wait at a barrier, see
-    ``tcd_ds.dist.one_rank_first``), and every writer here publishes by atomic rename, so two
-    unlocked builders of the same key only duplicate work."""
-    with open(path, "a+b") as f:
-        locked = False
-        if fcntl is not None:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-                locked = True
-            except OSError as err:
-                if err.errno not in NO_LOCK_ERRNOS:  # else: Lustre without `flock`, some NFS
-                    raise
-                if str(path.parent) not in _unlocked_warned:
-                    _unlocked_warned.add(str(path.parent))
-                    print(f"note: no file locks on the file system of {path.parent} ({os.strerror(err.errno)}); "
-                          f"building without one", file=sys.stderr, flush=True)
-        try:
-            yield
-        finally:
-            if locked:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def _fsync_write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
@@ -335,7 +299,7 @@ def build_token_cache(
     with contextlib.suppress(ValueError):
         read_index(index_path, expect_key=key)
         return index_path
-    with _file_lock(cache_dir / f"{_PREFIX}{key}.lock"):
+    with build_lock(cache_dir / f"{_PREFIX}{key}.lock"):
         with contextlib.suppress(ValueError):  # built by another process while we waited
             read_index(index_path, expect_key=key)
             return index_path

@@ -1,4 +1,4 @@
-"""`tcd_ds/run_lock.py` on its own: a held dir refuses a second holder, with who holds it; release
+"""`tcd_ds/locks.py` on its own: a held dir refuses a second holder, with who holds it; release
 frees it; a file system without locks runs unlocked, with a note; other lock errors are raised.
 (The trainer and fine-tuning against a holder in another process: test_reliability, test_finetune.)"""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from tcd_ds import run_lock
-from tcd_ds.run_lock import RunDirInUse, RunDirLock
+from tcd_ds import locks
+from tcd_ds.locks import RunDirInUse, RunDirLock
 
 
 def test_a_held_dir_refuses_a_second_holder_until_released(tmp_path):
@@ -26,12 +26,12 @@ def test_a_held_dir_refuses_a_second_holder_until_released(tmp_path):
     RunDirLock.acquire(tmp_path / "run").release()  # the with block released it
 
 
-@pytest.mark.parametrize("code", sorted(run_lock.NO_LOCK_ERRNOS))
+@pytest.mark.parametrize("code", sorted(locks.NO_LOCK_ERRNOS))
 def test_no_locks_on_the_file_system_runs_unlocked_with_a_note(code, tmp_path, monkeypatch, capsys):
     def flock(fd, op):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(run_lock.fcntl, "flock", flock)
+    monkeypatch.setattr(locks.fcntl, "flock", flock)
     RunDirLock.acquire(tmp_path).release()
     assert f"note: no file locks on the file system of {tmp_path}" in capsys.readouterr().err
 
@@ -40,6 +40,6 @@ def test_another_lock_error_is_raised(tmp_path, monkeypatch):
     def flock(fd, op):
         raise OSError(errno.EBADF, "bad file descriptor")
 
-    monkeypatch.setattr(run_lock.fcntl, "flock", flock)
+    monkeypatch.setattr(locks.fcntl, "flock", flock)
     with pytest.raises(OSError, match="bad file descriptor"):
         RunDirLock.acquire(tmp_path)
