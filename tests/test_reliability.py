@@ -353,3 +353,45 @@ def test_a_second_training_in_a_busy_run_dir_is_refused_and_a_dead_holder_leaves
         holder.wait()
     assert launch(args, tmp_path / "free.txt", ranks=ranks).returncode == 0, (tmp_path / "free.txt").read_text()[-3000:]
     assert (run / "summary.json").is_file()
+
+
+def _comm_segments() -> set[Path]:
+    from tcd_ds.dist import SHM_DIR, SHM_SEGMENT
+
+    return set(SHM_DIR.glob(f"{SHM_SEGMENT}_{os.getuid()}_*"))
+
+
+def _mapped_comm_segments(pid: int) -> list[str]:
+    """The DeepSpeed comm segments a process maps, as /proc/<pid>/maps names them ('... (deleted)'
+    once unlinked)."""
+    from tcd_ds.dist import SHM_SEGMENT
+
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return sorted({line.split(None, 5)[5] for line in lines if SHM_SEGMENT in line})
+
+
+def test_a_two_rank_run_leaves_no_shared_memory_behind_even_when_killed(shared_data, cache, tmp_path):
+    """DeepSpeed's CPU comm op maps a 66 MB /dev/shm segment per rank and never unlinks it: every
+    2-rank run left 132 MB of RAM behind, until a day of runs filled /dev/shm (22 GB) and the test
+    suite was killed for memory. Each rank now unlinks its own segment once all have mapped them:
+    while the run trains both ranks map both segments, deleted, none is left to name, and a run
+    killed by SIGKILL (no clean-up of its own) leaves none."""
+    before = _comm_segments()
+    run = tmp_path / "run"
+    log = tmp_path / "log.txt"
+    launcher = start(BASE + ["--mode", "vanilla"] + quick(shared_data, cache, run, 200), log)
+    try:
+        wait_for(lambda: (run / "metrics.jsonl").is_file() and '"kind": "train"' in (run / "metrics.jsonl").read_text(),
+                 launcher, log, "the first step")
+        pids = rank_pids(launcher)
+        assert sorted(pids) == [0, 1]
+        mapped = {rank: _mapped_comm_segments(pid) for rank, pid in pids.items()}
+        named_while_training = _comm_segments() - before
+    finally:
+        kill_group(launcher)
+    left = _comm_segments() - before
+    for rank, names in mapped.items():
+        assert len(names) == 2 and all(n.endswith(" (deleted)") for n in names), (rank, names)
+    assert mapped[0] == mapped[1]
+    assert not named_while_training, named_while_training
+    assert not left, left
