@@ -430,6 +430,9 @@ def init_distributed(layout: Layout, timeout_s: float = 600.0) -> torch.device:
                else "deepspeed --master_port <free port> (torchrun: --master_port)")
         raise port_clash(port, how) from None
     unlink_comm_segment(layout, port)
+    note = leftover_comm_segments_note(exclude=comm_segment(0, os.environ["MASTER_ADDR"], port).name[:-1])
+    if note and layout.local_rank == 0:
+        print(note, file=sys.stderr, flush=True)
     return device
 
 
@@ -482,3 +485,20 @@ def check_expert_groups_local(ep_size: int) -> str | None:
             f"(e.g. ranks {g[0]}-{g[-1]} on {', '.join(sorted({hosts[r] for r in g}))}): their all-to-all "
             "crosses the network; place consecutive ranks on one node (srun --distribution=block) and keep "
             "ep_size <= GPUs per node")
+
+
+def leftover_comm_segments_note(exclude: str = "") -> str | None:
+    """One line when /dev/shm holds this user's DeepSpeed comm segments that no run unlinked (left by
+    other DeepSpeed code, or by tcd-ds before `unlink_comm_segment`): RAM that stays taken until
+    someone removes them. `exclude`: the name prefix of this run's own segments."""
+    try:
+        found = [p for p in SHM_DIR.glob(f"{SHM_SEGMENT}_{os.getuid()}_*")
+                 if not (exclude and p.name.startswith(exclude))]
+        size = sum(p.stat().st_size for p in found)
+    except OSError:
+        return None
+    if not found:
+        return None
+    return (f"note: {SHM_DIR} holds {len(found)} DeepSpeed comm segment(s) that earlier runs left behind, "
+            f"{size / 2**30:.1f} GiB of RAM; once no DeepSpeed job runs on this host: "
+            f"rm {SHM_DIR}/{SHM_SEGMENT}_*")

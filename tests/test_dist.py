@@ -153,6 +153,25 @@ def test_first_launch_announces_the_comm_op_compile(tmp_path, monkeypatch, capsy
     assert capsys.readouterr().err == ""
 
 
+def test_comm_segments_left_by_earlier_runs_are_named_with_their_size(tmp_path, monkeypatch):
+    """DeepSpeed's comm segments that no run unlinked hold RAM until removed: one note with their
+    count and size and the command that frees them; this run's own, other users' and other files
+    are not counted."""
+    monkeypatch.setattr(dist, "SHM_DIR", tmp_path)
+    assert dist.leftover_comm_segments_note() is None
+    mine = dist.comm_segment(0, "127.0.0.1", 4242).name
+    assert mine == f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_4242_0"
+    for rank in (0, 1):
+        with open(tmp_path / dist.comm_segment(rank, "127.0.0.1", 1111).name, "wb") as f:
+            f.truncate(2**29)  # sparse: the size without the writing
+        (tmp_path / dist.comm_segment(rank, "127.0.0.1", 4242).name).write_bytes(b"x")  # this run's own
+    (tmp_path / f"deepspeed_allreduce_buffer_{os.getuid() + 1}_127.0.0.1_1111_0").write_bytes(b"x")  # another user
+    (tmp_path / "torch_shm_123").write_bytes(b"x")
+    note = dist.leftover_comm_segments_note(exclude=mine[:-1])
+    assert note == (f"note: {tmp_path} holds 2 DeepSpeed comm segment(s) that earlier runs left behind, 1.0 GiB of "
+                    f"RAM; once no DeepSpeed job runs on this host: rm {tmp_path}/deepspeed_allreduce_buffer_*")
+
+
 def test_expert_groups_that_span_nodes_are_found():
     from tcd_ds.dist import expert_groups_across_nodes
 

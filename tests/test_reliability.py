@@ -375,7 +375,12 @@ def test_a_two_rank_run_leaves_no_shared_memory_behind_even_when_killed(shared_d
     2-rank run left 132 MB of RAM behind, until a day of runs filled /dev/shm (22 GB) and the test
     suite was killed for memory. Each rank now unlinks its own segment once all have mapped them:
     while the run trains both ranks map both segments, deleted, none is left to name, and a run
-    killed by SIGKILL (no clean-up of its own) leaves none."""
+    killed by SIGKILL (no clean-up of its own) leaves none. A segment an earlier run left is named in
+    one note."""
+    from tcd_ds.dist import comm_segment
+
+    left_earlier = comm_segment(0, "127.0.0.1", 1)  # port 1: no rendezvous ever uses it
+    left_earlier.write_bytes(b"x")
     before = _comm_segments()
     run = tmp_path / "run"
     log = tmp_path / "log.txt"
@@ -389,7 +394,10 @@ def test_a_two_rank_run_leaves_no_shared_memory_behind_even_when_killed(shared_d
         named_while_training = _comm_segments() - before
     finally:
         kill_group(launcher)
+        left_earlier.unlink()
     left = _comm_segments() - before
+    notes = [line for line in log.read_text().splitlines() if "DeepSpeed comm segment(s) that earlier runs left" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: /dev/shm holds 1 DeepSpeed comm segment(s)"), notes
     for rank, names in mapped.items():
         assert len(names) == 2 and all(n.endswith(" (deleted)") for n in names), (rank, names)
     assert mapped[0] == mapped[1]
