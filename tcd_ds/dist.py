@@ -429,7 +429,8 @@ def init_distributed(layout: Layout, timeout_s: float = 600.0) -> torch.device:
         how = ("TCD_MASTER_PORT=<free port> (slurm/launch.sh) or MASTER_PORT" if layout.launcher == "slurm"
                else "deepspeed --master_port <free port> (torchrun: --master_port)")
         raise port_clash(port, how) from None
-    unlink_comm_segment(layout, port)
+    if device.type == "cpu":  # the shm comm op is the CPU accelerator's alone
+        unlink_comm_segment(layout, port)
     note = leftover_comm_segments_note(exclude=comm_segment(0, os.environ["MASTER_ADDR"], port).name[:-1])
     if note and layout.local_rank == 0:
         print(note, file=sys.stderr, flush=True)
