@@ -303,6 +303,7 @@ class _Report:
     glue: dict = field(default_factory=dict)  # {model: {task: results.json}}
     tasks: list = field(default_factory=list)  # the GLUE tasks fine-tuned (not skipped)
     trend: dict = field(default_factory=dict)  # {variant: {step: per-seed scores}}
+    comparisons: list = field(default_factory=list)  # results.json's, with their intervals
     findings: list = field(default_factory=list)
 
 
@@ -590,31 +591,33 @@ def _comparisons_section(c: _Report) -> list[str]:
            md_table(["a − b", "task", "diff", "95 % CI", "seeds a / b"], rows) if rows else "(nothing to compare yet)",
            ""]
     write_json_atomic(out / "results.json", res_json)
+    c.comparisons = res_json["comparisons"]
     return md
 
 
 def _findings_section(c: _Report) -> list[str]:
-    """The findings in words: GLUE averages, alignment, trend (and the OOD finding)."""
-    rc, al, glue, trend, findings = c.rc, c.al, c.glue, c.trend, c.findings
+    """The findings in words: the TCD student's GLUE-average comparisons, each read off its interval;
+    alignment, trend (and the OOD finding)."""
+    rc, al, trend, findings = c.rc, c.al, c.trend, c.findings
     tr = rc["trend"]
-    md: list[str] = []
-    avg = {v: stats(a) for v, res in glue.items() if (a := per_seed_average(res, c.tasks))}
-    if "tcd" in avg:
-        for i, other in enumerate(o for o in ("baseline", "baseline_aligned", "teacher") if o in avg):
-            if other in avg:
-                d = 100 * (avg["tcd"]["median"] - avg[other]["median"])
-                findings.insert(i, f"GLUE avg (median): TCD student {'−+'[d >= 0]}{abs(d):.1f} points vs "
-                                   f"{LABELS[other]} ({100 * avg['tcd']['median']:.1f} vs "
-                                   f"{100 * avg[other]['median']:.1f}).")
+    glue = [f"GLUE avg, {LABELS[x['a']]} − {LABELS[x['b']]}: {x['diff']:+.1f} [{x['ci95'][0]:+.1f}, "
+            f"{x['ci95'][1]:+.1f}] points: "
+            + ("the interval excludes 0." if x["ci95"][0] > 0 or x["ci95"][1] < 0
+               else "the interval contains 0, no evidence either way.")
+            for x in c.comparisons if x["a"] == "tcd" and x["task"] == "GLUE avg"]
+    findings[:0] = glue
     if al:
         findings.append(f"Alignment: the baseline {'reached' if al['reached'] else 'did not reach'} the student's "
                         f"val MLM loss {fmt(al['target'])} (step {al['step']}, loss {fmt(al['mlm_loss'])}); the "
                         f"epoch-aligned baseline ended at {fmt(al['baseline_val'])}.")
     last = trend_steps(rc)[-1]
-    if trend["baseline"][last] and trend["tcd"][last]:
+    if trend.get("baseline", {}).get(last) and trend.get("tcd", {}).get(last):
         d = 100 * (stats(trend["tcd"][last])["median"] - stats(trend["baseline"][last])["median"])
         findings.append(f"Trend: at step {last}, TCD {'−+'[d >= 0]}{abs(d):.1f} points on {tr['task']} vs the "
                         "baseline (see the table for the earlier checkpoints).")
-    md += [HEADINGS[10], "", *[f"- {f}" for f in findings or ["(nothing to compare yet)"]], "",
-           "At this scale the differences may well be within the seed spread above; the spread columns say so."]
+    md = [HEADINGS[10], "", *[f"- {f}" for f in findings or ["(nothing to compare yet)"]]]
+    if glue:
+        md += ["", "The intervals resample fine-tuning seeds only: each model was pre-trained once, so the "
+               "variance of pre-training is not in them (another `pretrain.seed=N`, in another out dir, "
+               "measures it)."]
     return md

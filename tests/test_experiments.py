@@ -383,6 +383,28 @@ def test_wall_time_counts_the_invocations_that_ran_or_were_stopped_in_a_step(tmp
     assert row.split("|")[2:5] == [" 1 ", " 11m40s ", " 11m40s "], row
 
 
+def test_findings_read_each_glue_average_comparison_off_its_interval(tmp_path):
+    """The findings name the student's GLUE-average differences with their intervals and say which
+    exclude 0; no comparison, no claim about intervals."""
+    rc = ex.load("tiny")[1]
+    comps = [{"a": "tcd", "b": "baseline", "task": "GLUE avg", "diff": 1.95, "ci95": [1.14, 2.84]},
+             {"a": "tcd", "b": "teacher", "task": "GLUE avg", "diff": -0.22, "ci95": [-0.98, 0.54]},
+             {"a": "tcd", "b": "teacher", "task": "CoLA", "diff": -1.2, "ci95": [-3.4, 1.1]},
+             {"a": "teacher", "b": "random_init", "task": "GLUE avg", "diff": 3.4, "ci95": [2.2, 4.7]}]
+    c = report._Report(tmp_path, rc, "cmd", {}, comparisons=comps, findings=["OOD: ..."])
+    lines = report._findings_section(c)
+    bullets = [line for line in lines if line.startswith("- ")]
+    assert bullets == [
+        f"- GLUE avg, {report.LABELS['tcd']} − {report.LABELS['baseline']}: +1.9 [+1.1, +2.8] points: "
+        "the interval excludes 0.",
+        f"- GLUE avg, {report.LABELS['tcd']} − {report.LABELS['teacher']}: -0.2 [-1.0, +0.5] points: "
+        "the interval contains 0, no evidence either way.",
+        "- OOD: ..."]
+    assert "fine-tuning seeds only" in lines[-1]
+    bare = report._findings_section(report._Report(tmp_path, rc, "cmd", {}))
+    assert bare == [report.HEADINGS[10], "", "- (nothing to compare yet)"]
+
+
 # --- end to end ---------------------------------------------------------------------------------
 
 def _overrides(d: Path, cache: Path) -> list[str]:
