@@ -431,7 +431,7 @@ def init_distributed(layout: Layout, timeout_s: float = 600.0) -> torch.device:
         raise port_clash(port, how) from None
     if device.type == "cpu":  # the shm comm op is the CPU accelerator's alone
         unlink_comm_segment(layout, port)
-    note = leftover_comm_segments_note(exclude=comm_segment(0, os.environ["MASTER_ADDR"], port).name[:-1])
+    note = leftover_comm_segments_note(exclude=comm_segment_prefix(os.environ["MASTER_ADDR"], port))
     if note and layout.local_rank == 0:
         print(note, file=sys.stderr, flush=True)
     return device
@@ -441,10 +441,15 @@ SHM_DIR = Path("/dev/shm")
 SHM_SEGMENT = "deepspeed_allreduce_buffer"  # SHM_BUFFER_NAME in DeepSpeed's csrc/cpu/comm/shm.cpp
 
 
+def comm_segment_prefix(addr: str, port: int) -> str:
+    """The name DeepSpeed's CPU comm op gives a run's shared-memory segments when all its ranks are
+    on one host, less the rank: `<name>_<uid>_<MASTER_ADDR>_<MASTER_PORT>_`."""
+    return f"{SHM_SEGMENT}_{os.getuid()}_{addr}_{port}_"
+
+
 def comm_segment(rank: int, addr: str, port: int) -> Path:
-    """The shared-memory segment DeepSpeed's CPU comm op creates for `rank` when all ranks are on
-    one host (`<name>_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`, 66 MB each)."""
-    return SHM_DIR / f"{SHM_SEGMENT}_{os.getuid()}_{addr}_{port}_{rank}"
+    """Rank `rank`'s segment (66 MB)."""
+    return SHM_DIR / f"{comm_segment_prefix(addr, port)}{rank}"
 
 
 def unlink_comm_segment(layout: Layout, port: int) -> None:
@@ -458,6 +463,23 @@ def unlink_comm_segment(layout: Layout, port: int) -> None:
     if layout.world_size > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
     segment.unlink(missing_ok=True)
+
+
+def leftover_comm_segments_note(exclude: str = "") -> str | None:
+    """One line when /dev/shm holds this user's DeepSpeed comm segments that no run unlinked (left by
+    other DeepSpeed code, or by tcd-ds before `unlink_comm_segment`): RAM that stays taken until
+    someone removes them. `exclude`: the name prefix of this run's own segments."""
+    try:
+        found = [p for p in SHM_DIR.glob(f"{SHM_SEGMENT}_{os.getuid()}_*")
+                 if not (exclude and p.name.startswith(exclude))]
+        size = sum(p.stat().st_size for p in found)
+    except OSError:
+        return None
+    if not found:
+        return None
+    return (f"note: {SHM_DIR} holds {len(found)} DeepSpeed comm segment(s) that earlier runs left behind, "
+            f"{size / 2**30:.1f} GiB of RAM; once no DeepSpeed job runs on this host: "
+            f"rm {SHM_DIR}/{SHM_SEGMENT}_*")
 
 
 def expert_groups_across_nodes(hosts: list[str], ep_size: int) -> list[list[int]]:
@@ -487,19 +509,3 @@ def check_expert_groups_local(ep_size: int) -> str | None:
             "crosses the network; place consecutive ranks on one node (srun --distribution=block) and keep "
             "ep_size <= GPUs per node")
 
-
-def leftover_comm_segments_note(exclude: str = "") -> str | None:
-    """One line when /dev/shm holds this user's DeepSpeed comm segments that no run unlinked (left by
-    other DeepSpeed code, or by tcd-ds before `unlink_comm_segment`): RAM that stays taken until
-    someone removes them. `exclude`: the name prefix of this run's own segments."""
-    try:
-        found = [p for p in SHM_DIR.glob(f"{SHM_SEGMENT}_{os.getuid()}_*")
-                 if not (exclude and p.name.startswith(exclude))]
-        size = sum(p.stat().st_size for p in found)
-    except OSError:
-        return None
-    if not found:
-        return None
-    return (f"note: {SHM_DIR} holds {len(found)} DeepSpeed comm segment(s) that earlier runs left behind, "
-            f"{size / 2**30:.1f} GiB of RAM; once no DeepSpeed job runs on this host: "
-            f"rm {SHM_DIR}/{SHM_SEGMENT}_*")
