@@ -156,6 +156,9 @@ class ExperimentConfig(Section):
     out: str = ""  # default runs/experiments/<recipe name>
     pretrain: dict[str, Any] = field(default_factory=dict)  # trainer keys of every pre-training run
     teacher: dict[str, Any] = field(default_factory=dict)  # extra trainer keys for the teacher only
+    # another experiment's out dir whose finished teacher (run and GLUE sweeps) step teacher copies
+    # instead of training one: a replicate with another pretrain.seed keeps the same teacher
+    teacher_from: str = ""
     align: AlignConfig = field(default_factory=AlignConfig)
     ablations: AblationsConfig = field(default_factory=AblationsConfig)
     trend: TrendConfig = field(default_factory=TrendConfig)

@@ -6,7 +6,7 @@
 pairs override it (`glue.seeds=1,2`, `pretrain.train.max_steps=50`, `ranks=1`); the keys, their
 types and defaults are `tcd_ds/experiment_config.py`'s. Steps, each under `<out>/<step>/`:
 
-1. teacher    pre-train the vanilla (dense) teacher;
+1. teacher    pre-train the vanilla (dense) teacher (or copy a finished one: `teacher_from=<out dir>`);
 2. pretrain   the MoE baseline and the TCD student: same data, seed and steps (epoch-aligned);
 3. align      the earliest baseline checkpoint whose val MLM loss <= the student's is exported
               (perf-aligned): from the baseline's own checkpoints when it gets there, else from a
@@ -240,13 +240,17 @@ class Pipeline:
         (self.out / self.step).mkdir(parents=True, exist_ok=True)
         return self.out / self.step / name
 
+    def portable(self, fingerprint: Any) -> Any:
+        """`fingerprint` with this out dir written `<out>`: the same settings in another out dir match."""
+        return json.loads(json.dumps(fingerprint).replace(str(self.out.resolve()), "<out>"))
+
     def unit(self, directory: Path, fingerprint: Any, work: Callable[[], dict | None], strict: bool = True,
              deferred: bool = False) -> dict | None:
         """Run `work` unless `directory/done.json` says it was done with this fingerprint. A deferred
         `work` starts a process (appended to self.running); done.json is written when it ends."""
         name = str(directory.relative_to(self.out))
         done = read_json(directory / "done.json")
-        fingerprint = json.loads(json.dumps(fingerprint).replace(str(self.out.resolve()), "<out>"))
+        fingerprint = self.portable(fingerprint)
         changed = None if done is None else changed_settings(done.get("fingerprint"), fingerprint)
         if done is not None and not changed:
             self.skipped.append(name)
@@ -276,10 +280,9 @@ class Pipeline:
 
     # --- training ---
 
-    def train(self, run_dir: Path, mode: str, extra: list[str], teacher: bool = False,
-              threads: int | None = None, log: str = "train.log") -> dict:
-        """Train (or resume) one run as a unit, with `threads` OMP threads (None: the recipe's);
-        its output goes to `<out>/<step>/<log>`."""
+    def training_spec(self, run_dir: Path, mode: str, extra: list[str],
+                      teacher: bool = False) -> tuple[list[str], Any, dict]:
+        """One run's trainer arguments, its resolved config and its unit's fingerprint."""
         from tcd_ds.config import to_dict
 
         rc = self.rc
@@ -291,8 +294,14 @@ class Pipeline:
             cfg = build_config(rc["model_recipe"], [f"mode={mode}", *overrides])  # what the trainer will run
         except ConfigError as err:
             raise ExperimentError(f"{run_dir}: {err}") from None
+        return args, cfg, {"ranks": rc["ranks"], "config": to_dict(cfg), "ds_config": read_json(ds)}
+
+    def train(self, run_dir: Path, mode: str, extra: list[str], teacher: bool = False,
+              threads: int | None = None, log: str = "train.log") -> dict:
+        """Train (or resume) one run as a unit, with `threads` OMP threads (None: the recipe's);
+        its output goes to `<out>/<step>/<log>`."""
+        args, cfg, fingerprint = self.training_spec(run_dir, mode, extra, teacher)
         steps = cfg.train.max_steps
-        fingerprint = {"ranks": rc["ranks"], "config": to_dict(cfg), "ds_config": read_json(ds)}
 
         def work() -> dict:
             summary = read_json(run_dir / "summary.json")
@@ -445,7 +454,48 @@ def select_aligned(eval_history: list[dict], saved_steps, target: float, key: st
 # --- the steps ----------------------------------------------------------------------------------
 
 def step_teacher(p: Pipeline) -> None:
+    if p.rc["teacher_from"]:
+        copy_teacher(p, Path(p.rc["teacher_from"]).expanduser())
     p.train(run_dirs(p.out, p.rc)["teacher"], "vanilla", [], teacher=True)
+
+
+def _copy_dir(src: Path, dest: Path) -> None:
+    """`src` copied to `dest` whole or not at all (a temporary name, then a rename)."""
+    tmp = dest.with_name(f".{dest.name}.copy")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, symlinks=True)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+
+
+def copy_teacher(p: Pipeline, source: Path) -> None:
+    """`teacher_from`: copy another out dir's finished teacher run, and its GLUE sweeps, into this
+    one, once; step teacher then finds it done. Refused (nothing copied) when that teacher was
+    trained with other settings than this recipe gives it, e.g. a `pretrain.seed` it took: pin
+    them for the teacher (`teacher.seed=<its seed>`)."""
+    here, there = run_dirs(p.out, p.rc)["teacher"], run_dirs(source, p.rc)["teacher"]
+    if (here / "done.json").is_file():
+        return
+    if source.resolve() == p.out.resolve():
+        raise ExperimentError("teacher_from names this out dir: name another experiment's")
+    if here.exists():
+        raise ExperimentError(f"teacher_from: {here} holds an unfinished teacher of its own; delete it or "
+                              "drop teacher_from")
+    done = read_json(there / "done.json")
+    if done is None:
+        raise ExperimentError(f"teacher_from={source}: no finished teacher there ({there / 'done.json'})")
+    now = p.portable(p.training_spec(here, "vanilla", [], teacher=True)[2])
+    changed = changed_settings(done.get("fingerprint"), now)
+    if changed:
+        raise ExperimentError(f"teacher_from={source}: its teacher was trained with other settings "
+                              f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}); set them "
+                              "for the teacher (teacher.<key>=<value>) or train one here")
+    glue = [t for t in (source / "glue" / "teacher").glob("*") if (t / "done.json").is_file()]
+    for task in glue:
+        _copy_dir(task, p.out / "glue" / "teacher" / task.name)
+    _copy_dir(there, here)  # last: a copy cut off before it is redone from the start
+    p.say(f"  teacher: copied from {source} (the run and {len(glue)} GLUE sweep(s))")
 
 
 def _keep_all(steps: int, every: int) -> list[str]:

@@ -383,6 +383,42 @@ def test_wall_time_counts_the_invocations_that_ran_or_were_stopped_in_a_step(tmp
     assert row.split("|")[2:5] == [" 1 ", " 11m40s ", " 11m40s "], row
 
 
+def test_teacher_from_copies_a_finished_teacher_with_its_glue_and_refuses_one_of_other_settings(tmp_path,
+                                                                                                 monkeypatch):
+    """A replicate with another pre-training seed keeps the teacher: `teacher_from` copies the other
+    out dir's finished teacher and its finished GLUE sweeps, and step teacher then trains nothing. A
+    teacher trained with other settings (the seed it took from pretrain.seed) is refused, naming the
+    key, and nothing is copied."""
+    from tcd_ds.experiment_layout import run_dirs
+
+    _, rc = ex.load("tiny")
+    src = ex.Pipeline("tiny", rc, tmp_path / "a")
+    teacher = run_dirs(src.out, rc)["teacher"]
+    _, cfg, fingerprint = src.training_spec(teacher, "vanilla", [], teacher=True)
+    ex.write_json(teacher / "done.json", {"unit": "teacher/run", "fingerprint": src.portable(fingerprint)})
+    ex.write_json(teacher / "export" / "config.json", {})
+    ex.write_json(src.out / "glue" / "teacher" / "MRPC" / "done.json", {"task": "MRPC"})
+    (src.out / "glue" / "teacher" / "CoLA").mkdir()  # unfinished: left behind
+    monkeypatch.setattr(ex.Pipeline, "_launch", lambda *a, **k: pytest.fail("trained a teacher"))
+
+    other = cfg.seed + 1
+    _, mismatched = ex.load("tiny", [f"pretrain.seed={other}", f"teacher_from={src.out}"])
+    p = ex.Pipeline("tiny", mismatched, tmp_path / "b")
+    changed = rf"trained with other settings \(config\.seed: {cfg.seed} -> {other}\)"
+    with pytest.raises(ex.ExperimentError, match=changed):
+        ex.step_teacher(p)
+    assert not (tmp_path / "b").exists()
+
+    _, pinned = ex.load("tiny", [f"pretrain.seed={other}", f"teacher.seed={cfg.seed}", f"teacher_from={src.out}"])
+    p = ex.Pipeline("tiny", pinned, tmp_path / "b")
+    ex.step_teacher(p)
+    here = run_dirs(p.out, pinned)["teacher"]
+    assert (here / "export" / "config.json").is_file() and p.skipped == ["teacher/run"]
+    assert sorted(x.name for x in (p.out / "glue" / "teacher").iterdir()) == ["MRPC"]
+    ex.step_teacher(p)  # a re-run: the copy is there, nothing copied again
+    assert p.skipped == ["teacher/run", "teacher/run"]
+
+
 def test_findings_read_each_glue_average_comparison_off_its_interval(tmp_path):
     """The findings name the student's GLUE-average differences with their intervals and say which
     exclude 0; no comparison, no claim about intervals."""
