@@ -255,13 +255,15 @@ def test_usr1_checkpoint_and_requeue(slurm_cluster: SlurmCluster, tmp_path: Path
 @pytest.mark.multiproc
 @pytest.mark.slurm
 def test_time_limit_signal_requeue(slurm_cluster: SlurmCluster, tmp_path: Path):
-    """The production path: sbatch --signal=B:USR1@T fires before the time limit (~30 s here:
-    slurmctld checks limits every ~30 s), same requeue chain."""
+    """The production path: sbatch --signal=B:USR1@T fires before the time limit (28-58 s before it
+    here: slurmctld checks limits every ~30 s), same requeue chain. TCD_REQUEUE_MARGIN=10 leaves the
+    ranks time to save: with the default 60 (more than the time left) the job was requeued at once,
+    and whether the ranks had saved first was a race (lost once in CI: no ckpt.1.0)."""
     c = slurm_cluster
     jid = c.sbatch(_script(tmp_path / "rq.sh", REQUEUE_JOB), "-N", "2", "--ntasks-per-node=1",
                    "--requeue", "--time=1", "--signal=B:USR1@58", "--open-mode=append",
                    "-o", str(tmp_path / "out.log"), cwd=tmp_path,
-                   env={**JOB_ENV, "OUTDIR": str(tmp_path)})
+                   env={**JOB_ENV, "OUTDIR": str(tmp_path), "TCD_REQUEUE_MARGIN": "10"})
     _wait_files(tmp_path, "ready.*", 2)
     _check_requeued(c, jid, tmp_path)
 
