@@ -1,6 +1,6 @@
-"""Crash-safe file writes: a temporary file in the same directory, fsync, then an atomic rename;
-and `read_json` / `read_jsonl`, the tolerant readers of the JSON (lines) files a run, a sweep or
-an experiment leaves behind.
+"""Crash-safe file writes: a temporary file in the same directory, fsync, then an atomic rename (a
+whole directory alike: `publish_dir`); and `read_json` / `read_jsonl`, the tolerant readers of the
+JSON (lines) files a run, a sweep or an experiment leaves behind.
 
 Every file written here gets the mode of any file the user creates (0666 minus the umask, usually
 0644), also when the library that fills the temporary file creates it private (safetensors'
@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Callable
+
+from tcd_ds.locks import build_lock
 
 
 def current_umask() -> int:
@@ -53,6 +57,30 @@ def write_atomic(path: str | os.PathLike, fill: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def publish_dir(final: Path, build: Callable[[Path], None]) -> Path:
+    """Create directory ``final`` atomically: ``build`` fills a hidden temporary sibling, whose files
+    reach the disk before it is renamed into place, under a lock (concurrent callers build once; the
+    others wait and reuse). An existing ``final`` is kept as it is."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.is_dir():
+        return final
+    with build_lock(final.parent / f"{final.name}.lock"):
+        if final.is_dir():  # built by another process while we waited
+            return final
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+            build(tmp)
+            for f in tmp.rglob("*"):
+                if f.is_file() and not f.is_symlink():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

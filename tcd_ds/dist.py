@@ -431,8 +431,7 @@ def init_distributed(layout: Layout, timeout_s: float = 600.0) -> torch.device:
         raise port_clash(port, how) from None
     if device.type == "cpu":  # the shm comm op is the CPU accelerator's alone
         unlink_comm_segment(layout, port)
-    note = leftover_comm_segments_note(exclude=comm_segment_prefix(os.environ["MASTER_ADDR"], port))
-    if note and layout.local_rank == 0:
+    if layout.local_rank == 0 and (note := leftover_comm_segments_note(comm_segment_prefix(layout.master_addr, port))):
         print(note, file=sys.stderr, flush=True)
     return device
 
@@ -459,10 +458,15 @@ def unlink_comm_segment(layout: Layout, port: int) -> None:
     rank has mapped every segment (the barrier: a rank's init returns only after it opened the
     others'), the names are no longer needed: each rank unlinks its own, and the memory goes with
     the last process that maps it, a run killed by SIGKILL included."""
-    segment = comm_segment(layout.rank, os.environ.get("MASTER_ADDR", ""), port)
+    segment = comm_segment(layout.rank, layout.master_addr, port)
     if layout.world_size > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
     segment.unlink(missing_ok=True)
+
+
+def comm_segments() -> list[Path]:
+    """This user's DeepSpeed comm segments now named in /dev/shm, of any run."""
+    return sorted(SHM_DIR.glob(f"{SHM_SEGMENT}_{os.getuid()}_*"))
 
 
 def leftover_comm_segments_note(exclude: str = "") -> str | None:
@@ -470,8 +474,7 @@ def leftover_comm_segments_note(exclude: str = "") -> str | None:
     other DeepSpeed code, or by tcd-ds before `unlink_comm_segment`): RAM that stays taken until
     someone removes them. `exclude`: the name prefix of this run's own segments."""
     try:
-        found = [p for p in SHM_DIR.glob(f"{SHM_SEGMENT}_{os.getuid()}_*")
-                 if not (exclude and p.name.startswith(exclude))]
+        found = [p for p in comm_segments() if not (exclude and p.name.startswith(exclude))]
         size = sum(p.stat().st_size for p in found)
     except OSError:
         return None

@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from tcd_ds.atomic import read_json, write_json_atomic, write_text_atomic
+from tcd_ds.atomic import publish_dir, read_json, write_json_atomic, write_text_atomic
 from tcd_ds.cli import format_duration
 from tcd_ds.config import ConfigError, apply_overrides, build_config, from_dict, trained_vocab_size
 from tcd_ds.data.paths import looks_like_path
@@ -212,6 +212,11 @@ def changed_settings(recorded: Any, now: Any) -> list[str]:
             and not (k not in before and k in defaults and after[k] == defaults[k])]
 
 
+def _listed(changed: list[str]) -> str:
+    """The first three changed settings, for one line."""
+    return ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else "")
+
+
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, data)
@@ -257,8 +262,8 @@ class Pipeline:
             self.say(f"  {name}: done, skipped")
             return done
         if done is not None and strict:
-            raise ExperimentError(f"{directory} was done with other settings ({', '.join(changed[:3])}"
-                                  f"{', ...' if len(changed) > 3 else ''}): use another --out or delete it")
+            raise ExperimentError(f"{directory} was done with other settings ({_listed(changed)}): use another "
+                                  "--out or delete it")
         if deferred:
             work()  # waits for a free slot, then starts the process
         self.say(f"  {name}: start")
@@ -459,16 +464,6 @@ def step_teacher(p: Pipeline) -> None:
     p.train(run_dirs(p.out, p.rc)["teacher"], "vanilla", [], teacher=True)
 
 
-def _copy_dir(src: Path, dest: Path) -> None:
-    """`src` copied to `dest` whole or not at all (a temporary name, then a rename)."""
-    tmp = dest.with_name(f".{dest.name}.copy")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, symlinks=True)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-
-
 def copy_teacher(p: Pipeline, source: Path) -> None:
     """`teacher_from`: copy another out dir's finished teacher run, and its GLUE sweeps, into this
     one, once; step teacher then finds it done. Refused (nothing copied) when that teacher was
@@ -489,12 +484,16 @@ def copy_teacher(p: Pipeline, source: Path) -> None:
     changed = changed_settings(done.get("fingerprint"), now)
     if changed:
         raise ExperimentError(f"teacher_from={source}: its teacher was trained with other settings "
-                              f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}); set them "
-                              "for the teacher (teacher.<key>=<value>) or train one here")
+                              f"({_listed(changed)}); set them for the teacher (teacher.<key>=<value>) or train "
+                              "one here")
+
+    def copy_of(src: Path) -> Callable[[Path], None]:
+        return lambda tmp: shutil.copytree(src, tmp, symlinks=True, dirs_exist_ok=True)
+
     glue = [t for t in (source / "glue" / "teacher").glob("*") if (t / "done.json").is_file()]
     for task in glue:
-        _copy_dir(task, p.out / "glue" / "teacher" / task.name)
-    _copy_dir(there, here)  # last: a copy cut off before it is redone from the start
+        publish_dir(p.out / "glue" / "teacher" / task.name, copy_of(task))
+    publish_dir(here, copy_of(there))  # last: the run's done.json says the copy is whole
     p.say(f"  teacher: copied from {source} (the run and {len(glue)} GLUE sweep(s))")
 
 

@@ -356,9 +356,9 @@ def test_a_second_training_in_a_busy_run_dir_is_refused_and_a_dead_holder_leaves
 
 
 def _comm_segments() -> set[Path]:
-    from tcd_ds.dist import SHM_DIR, SHM_SEGMENT
+    from tcd_ds.dist import comm_segments
 
-    return set(SHM_DIR.glob(f"{SHM_SEGMENT}_{os.getuid()}_*"))
+    return set(comm_segments())
 
 
 def _mapped_comm_segments(pid: int) -> list[str]:

@@ -40,14 +40,12 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..config import MIN_TRAINED_VOCAB, DataConfig, trained_vocab_size
-from ..locks import build_lock
+from ..atomic import publish_dir
 from .corpus import is_local_source, iter_documents
 from .tokenizer import REQUIRED_SPECIAL_TOKENS, VOCAB_FILENAME, resolve_vocab_path
 
@@ -93,28 +91,6 @@ def _digest(parts: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def _publish_dir(final: Path, build: Callable[[Path], None]) -> Path:
-    """Create directory ``final`` atomically: ``build`` fills a hidden temporary sibling, which is then
-    renamed into place, under a lock (concurrent callers build once; the others wait and reuse)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.is_dir():
-        return final
-    with build_lock(final.parent / f"{final.name}.lock"):
-        if final.is_dir():  # built by another process while we waited
-            return final
-        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            tmp.mkdir()
-            build(tmp)
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            os.rename(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def fallback_corpus(cache_dir: str | os.PathLike[str]) -> Path:
     """Materialise the fallback corpus under ``cache_dir`` (once) and return its directory."""
     docs = reference_documents()
@@ -128,7 +104,7 @@ def fallback_corpus(cache_dir: str | os.PathLike[str]) -> Path:
             (tmp / f"{i:0{width}d}-{safe}.txt").write_text(text, encoding="utf-8")
         (tmp / "SOURCE.json").write_text(json.dumps(corpus_stats(docs) | {"sha256": key}, indent=1) + "\n")
 
-    return _publish_dir(final, build)
+    return publish_dir(final, build)
 
 
 def corpus_stats(docs: dict[str, str] | None = None) -> dict[str, object]:
@@ -163,7 +139,7 @@ def fallback_vocab(corpus: str | os.PathLike[str], cache_dir: str | os.PathLike[
                 **settings}
         (tmp / "fallback.json").write_text(json.dumps(info, indent=1) + "\n")
 
-    return _publish_dir(final, build) / VOCAB_FILENAME
+    return publish_dir(final, build) / VOCAB_FILENAME
 
 
 def train_wordpiece(docs: list[str], vocab_size: int = FALLBACK_VOCAB_SIZE) -> list[str]:
