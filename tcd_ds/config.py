@@ -212,6 +212,10 @@ class DataConfig(Section):
     mlm_probability: float = 0.15
     # masking of every held-out evaluation: fixed, so runs trained with other masking rates compare
     eval_mlm_probability: float = 0.15
+    # the held-out masks' seed: a constant, not `seed`, so runs with other seeds (and any world size or
+    # micro-batch) evaluate the same masked tokens; sequence j of an eval set is masked by
+    # mlm_generator(eval_seed, j) alone
+    eval_seed: int = 1
     cache_dir: str = ".cache/tcd_ds"  # pre-tokenised shards, keyed by a hash of inputs + tokenizer
     # name=path pairs, comma-separated: held-out text from elsewhere and an out-of-distribution domain
     eval_corpora: str = ("wikitext2=../shared/data/wikitext-2/wiki.test.raw,"

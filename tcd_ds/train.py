@@ -519,6 +519,19 @@ def make_batch(data: Data, dataset: PackedDataset, indices, seed: int, step: int
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def make_eval_batch(data: Data, dataset: PackedDataset, indices, eval_seed: int, mlm_probability: float,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+    """Held-out sequences `indices`, each masked by its own generator `mlm_generator(eval_seed, j)`: the
+    masks of sequence j are the same whatever the run's seed, world size, rank or micro-batch."""
+    batch = dataset.get_batch(indices)
+    rows = [mask_tokens(batch["input_ids"][i:i + 1], batch["attention_mask"][i:i + 1], data.special,
+                        data.vocab_size, mlm_generator(eval_seed, j, 0, 0), mlm_probability)
+            for i, j in enumerate(indices)]
+    batch["input_ids"] = torch.cat([ids for ids, _ in rows])
+    batch["labels"] = torch.cat([labels for _, labels in rows])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def all_mean(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
     """Mean over ranks (for logging only)."""
     keys = sorted(values)
@@ -541,8 +554,7 @@ def evaluate(engine, data: Data, dataset: PackedDataset, cfg: Config, layout: La
     for b in range(cfg.train.eval_batches):
         start = (b * world + layout.rank) * mb
         indices = [(start + i) % len(dataset) for i in range(mb)]
-        batch = make_batch(data, dataset, indices, cfg.seed + 1, b, layout.rank, 0, cfg.data.eval_mlm_probability,
-                           device)
+        batch = make_eval_batch(data, dataset, indices, cfg.data.eval_seed, cfg.data.eval_mlm_probability, device)
         out = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], labels=batch["labels"])
         n = out.num_masked.double()
         sums += torch.stack([out.mlm_loss.double() * n, out.correct.double(), n])
