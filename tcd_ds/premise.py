@@ -21,7 +21,7 @@ and `<out>/report.md` are rewritten from the runs' `metrics.jsonl` at the end, a
 from __future__ import annotations
 
 import dataclasses
-import json
+import signal
 import statistics
 import sys
 import time
@@ -229,7 +229,7 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from tcd_ds.experiments import ExperimentError, resolve_ds_config
+    from tcd_ds.experiments import ExperimentError, Stopped, _stop_on_signals, resolve_ds_config
 
     args = parse_args(argv)
     try:
@@ -242,11 +242,20 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python -m tcd_ds.premise " + " ".join(argv if argv is not None else sys.argv[1:])
     if not args.report_only:
         rc["ds_config"], _ = resolve_ds_config(rc["ds_config"], out)
+        previous = _stop_on_signals()  # SIGTERM / SIGHUP stop the trainers (each saves) before exiting
         try:
             train_all(rc, out, name)
         except ExperimentError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(1) from None
+        except (Stopped, KeyboardInterrupt) as err:
+            sig = signal.Signals(err.signum if isinstance(err, Stopped) else signal.SIGINT)
+            print(f"error: stopped by {sig.name}: the trainers saved their checkpoints; re-run the same command to "
+                  "resume", file=sys.stderr)
+            raise SystemExit(128 + sig.value) from None
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     results = analyze(rc, out)
     write_json_atomic(out / "results.json", {**results, "recipe": rc, "written": time.strftime("%Y-%m-%d %H:%M:%S")})
     write_text_atomic(out / "report.md", report(rc, results, command))
