@@ -182,7 +182,7 @@ class TeacherConfig(Section):
     """The frozen vanilla teacher: a Hugging Face BERT dir or a tcd-ds export dir."""
 
     path: str = ""
-    dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32
+    dtype: str = "auto"  # auto (fp16 on GPU; on CPU bf16 where native, else fp32) | fp16 | bf16 | fp32
 
     def validate(self) -> None:
         if self.dtype not in ("auto", "fp16", "bf16", "fp32"):

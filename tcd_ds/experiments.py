@@ -117,7 +117,7 @@ def load(recipe: str, overrides: list[str] = ()) -> tuple[str, dict]:
     return path.stem, rc
 
 
-def resolve_ds_config(value: str, out: Path) -> tuple[str, str]:
+def resolve_ds_config(value: str, out: Path, ranks: int = 2) -> tuple[str, str]:
     """`ds_config: auto` is the faster CPU config for this CPU (`tcd_ds.hardware.cpu_ds_config`: bf16
     where the CPU has bf16 matmul instructions, fp32 otherwise), chosen once per experiment and kept
     in `<out>/ds_config.auto`, so a later session on another kind of CPU continues the same way.
@@ -129,7 +129,7 @@ def resolve_ds_config(value: str, out: Path) -> tuple[str, str]:
     record = out / "ds_config.auto"
     if record.is_file():
         return record.read_text().strip(), f"auto, kept from this experiment's first run ({record})"
-    chosen = cpu_ds_config()
+    chosen = cpu_ds_config(moe=True, ranks=ranks)  # one config for every run: the MoE runs' faster one
     write_text_atomic(record, chosen + "\n")
     return chosen, "auto, chosen for this CPU"
 
@@ -774,7 +774,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(yaml.safe_dump({k: v for k, v in rc.items() if not k.startswith("_")}, sort_keys=False))
         return {"recipe": rc, "out": str(out)}
     out.mkdir(parents=True, exist_ok=True)
-    rc["ds_config"], how = resolve_ds_config(rc["ds_config"], out)
+    rc["ds_config"], how = resolve_ds_config(rc["ds_config"], out, rc["ranks"])
     command = "python -m tcd_ds.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
     p = Pipeline(name, rc, out)
     p.say(f"experiment {name} -> {out} (steps {', '.join(steps)}); DeepSpeed config {rc['ds_config']} ({how})")

@@ -1,6 +1,6 @@
 """The premise study: where does an MoE-BERT beat the vanilla one at pre-training (P1)?
 
-    python -m tcd_ds.premise [recipe] [--out DIR] [--report-only] [key=value ...]
+    python -m tcd_ds.premise [recipe, default small] [--out DIR] [--report-only] [key=value ...]
 
 TCD starts from "MoE wins at pre-training but transfers worse". This pre-trains the vanilla model and
 MoE variants (`variants`: name -> trainer overrides, e.g. fewer experts, `moe_every`, capacity) with
@@ -35,12 +35,12 @@ import yaml
 from tcd_ds.atomic import read_json, read_jsonl, write_json_atomic, write_text_atomic
 from tcd_ds.config import ConfigError, Section, apply_overrides, build_config, from_dict
 
-RECIPES = Path(__file__).parent / "recipes" / "experiments"
+RECIPES = Path(__file__).parent / "recipes" / "premise"
 
 
 @dataclass
 class PremiseConfig(Section):
-    """The premise study's recipe (`tcd_ds/recipes/experiments/premise.yaml`)."""
+    """The premise study's recipe (`tcd_ds/recipes/premise/<name>.yaml`)."""
 
     KEY_NOUN = "recipe key"
 
@@ -49,7 +49,7 @@ class PremiseConfig(Section):
     threads: int = 1  # OMP_NUM_THREADS of each run
     jobs: int = 2  # runs side by side
     ds_config: str = "auto"
-    out: str = ""  # default runs/experiments/premise
+    out: str = ""  # default runs/premise/<recipe name>
     pretrain: dict[str, Any] = field(default_factory=dict)  # trainer keys of every run
     variants: dict[str, Any] = field(default_factory=dict)  # name -> trainer keys on top of pretrain
     reference: str = "vanilla"  # the variant every other one is compared with
@@ -80,11 +80,11 @@ def load(recipe: str, overrides: list[str] = ()) -> tuple[str, dict]:
         raise ExperimentError(str(err).splitlines()[0]) from None
     rc = dataclasses.asdict(rc)
     for name in rc["variants"]:  # every run's trainer config builds (a typo fails here, not hours later)
-        for mode, extra in _runs_of(rc, name, rc["seeds"][0])[1:2]:
-            try:
-                build_config(rc["model_recipe"], [f"mode={mode}", *extra])
-            except ConfigError as err:
-                raise ExperimentError(f"variants.{name}: {err}") from None
+        try:
+            _, (mode, extra) = _runs_of(rc, name, rc["seeds"][0])
+            build_config(rc["model_recipe"], [f"mode={mode}", *extra])
+        except ConfigError as err:
+            raise ExperimentError(f"variants.{name}: {err}") from None
     return path.stem, rc
 
 
@@ -221,7 +221,8 @@ def parse_args(argv):
     from tcd_ds.cli import Parser
 
     p = Parser(prog="python -m tcd_ds.premise", description=__doc__.split("\n\n")[0])
-    p.add_argument("recipe", nargs="?", default="premise", help="premise recipe: a name or a YAML path")
+    p.add_argument("recipe", nargs="?", default="small", help="premise recipe: a name in tcd_ds/recipes/premise/ "
+                   "or a YAML path")
     p.add_argument("--out", help="output dir (default: the recipe's out, else runs/experiments/<recipe>)")
     p.add_argument("--report-only", action="store_true", help="rewrite results.json and report.md from the runs")
     p.add_argument("overrides", nargs="*", help="recipe key=value overrides, e.g. seeds=1,2,3")
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    out = Path(args.out or rc["out"] or f"runs/experiments/{name}")
+    out = Path(args.out or rc["out"] or f"runs/premise/{name}")
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m tcd_ds.premise " + " ".join(argv if argv is not None else sys.argv[1:])
     if not args.report_only:

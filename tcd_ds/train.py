@@ -73,27 +73,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="recipe name (tiny, small, base, large, xl) or YAML/JSON path")
     p.add_argument("--mode", choices=("vanilla", "moe", "tcd"), help="overrides the recipe's mode")
     p.add_argument("--deepspeed_config", required=True,
-                   help="DeepSpeed JSON (ds_configs/), or auto: the faster one here (CPU: bf16 where the CPU has "
-                        "bf16 matmul instructions, else fp32; GPU: gpu_zero2_bf16.json)")
+                   help="DeepSpeed JSON (ds_configs/), or auto: the faster one here (CPU: bf16 for dense models "
+                        "where the CPU has bf16 matmul instructions, else fp32; ZeRO-2 on several ranks, "
+                        "stage 0 on one; GPU: gpu_zero2_bf16.json)")
     p.add_argument("--resume", default="auto", help="auto (latest complete checkpoint, if any), none, or a tag")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the launcher
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20")
     return p.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
 
-def auto_ds_config(device: torch.device) -> str:
-    """`--deepspeed_config auto`: the faster shipped config for this device (tcd_ds/hardware.py on CPU)."""
+def auto_ds_config(device: torch.device, moe: bool = False, ranks: int = 2) -> str:
+    """`--deepspeed_config auto`: the faster shipped config for this device, model kind and world size
+    (tcd_ds/hardware.py on CPU)."""
     from tcd_ds.hardware import cpu_ds_config
 
-    name = "ds_configs/gpu_zero2_bf16.json" if device.type == "cuda" else cpu_ds_config()
+    name = "ds_configs/gpu_zero2_bf16.json" if device.type == "cuda" else cpu_ds_config(moe=moe, ranks=ranks)
     return str(REPO / name) if not Path(name).is_file() else name
 
 
-def load_ds_config(path: str, cfg: Config, device: torch.device) -> dict:
+def load_ds_config(path: str, cfg: Config, device: torch.device, ranks: int = 1) -> dict:
     """Read the DeepSpeed JSON (`auto`: `auto_ds_config`), refuse what cannot work, and fill the
     "auto" values from cfg.train."""
     if path == "auto":
-        path = auto_ds_config(device)
+        path = auto_ds_config(device, moe=cfg.mode != "vanilla", ranks=ranks)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"--deepspeed_config auto: {path}", file=sys.stderr, flush=True)
     try:
@@ -269,7 +271,7 @@ def resolve_run(cfg: Config, ds_path: str, resume: str, layout: Layout) -> Run:
     and what depended on them (the vocab size) is checked."""
     check_parallel(cfg, layout)
     device = device_for(layout)
-    ds_config = load_ds_config(ds_path, cfg, device)
+    ds_config = load_ds_config(ds_path, cfg, device, layout.world_size)
     teacher = read_teacher_config(cfg.teacher.path) if cfg.mode == "tcd" else None
     deferred = vocab_falls_back(cfg.data.vocab)  # the trained/fallback vocab's size is known once built
     if teacher is not None:

@@ -161,6 +161,45 @@ def test_trainer_rows(quick):
         assert (ph["teacher"] > 0 and ph["relation"] > 0) == (r["mode"] == "tcd"), r
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_trainer_one_rank_rows(quick):
+    """The experiments' setting: python -m tcd_ds.train on one rank, `auto` picking a stage-0 config."""
+    from tcd_ds import hardware
+    from tcd_ds.bench import trainer
+
+    sec = quick[0]["sections"]["trainer"]
+    rows = sec["one_rank_rows"]
+    assert [r["variant"] for r in rows] == [x[0] for x in trainer.ONE_RANK_RUNS]
+    assert sec["memory_bandwidth_gbs_1_thread"] > 0
+    for r in rows:
+        assert r["tokens_per_second"] > 0 and r["phases_s"]["student"] > 0 and r["phases_s"]["optimizer"] > 0, r
+        assert (r["phases_s"]["teacher"] > 0) == (r["mode"] == "tcd"), r
+        want = hardware.cpu_ds_config(moe=r["mode"] != "vanilla", ranks=1)
+        assert r["ds_config"] == want.rsplit("/", 1)[1], r
+
+
+def test_one_rank_targets_are_the_ratios_of_one_run():
+    from tcd_ds.bench import trainer
+
+    def row(name, tps, **phases):
+        return {"variant": name, "dtype": "fp32", "tokens_per_second": tps, "parameters": 10_000_000,
+                "phases_s": {p: phases.get(p, 0.0) for p in trainer.PHASES}}
+
+    rows = [row("vanilla", 1000.0, student=0.1, backward=0.2), row("moe", 600.0, student=0.15, backward=0.3, optimizer=0.05),
+            row("tcd", 450.0, student=0.15, teacher=0.05, relation=0.1, backward=0.35, optimizer=0.05),
+            row("moe, 8 experts", 900.0, student=0.1, backward=0.2)]
+    got = {t["target"]: t for t in trainer.one_rank_targets(rows, {"fp32": 100.0}, 10.0)}
+    name = "trainer, small, 1 rank x 1 thread, 8k vocab"
+    assert got[f"{name}: MoE / vanilla tokens/s"]["value"] == pytest.approx(0.6)
+    assert got[f"{name}: MoE / vanilla tokens/s"]["met"] is True
+    tcd = got[f"{name}: TCD / MoE tokens/s"]
+    assert tcd["value"] == pytest.approx(0.75) and tcd["met"] is False
+    assert "adds 0.200 s a step to MoE's 0.500" in tcd["bound"] and "bounds the ratio at 0.91" in tcd["bound"]
+    assert got[f"{name}, 8 experts: MoE / vanilla tokens/s"]["value"] == pytest.approx(0.9)
+    assert trainer.one_rank_targets(rows[:3], {"fp32": 100.0}, 10.0) == []
+
+
 def _fake_section(name, value):
     return {"name": name, "title": name.title(), "rows": [{"x": value}], "table": f"| {name} |", "notes": [],
             "wall_s": 1.0, "loadavg_before": None, "loadavg_after": None,

@@ -125,7 +125,7 @@ def test_taps_and_grads_identical_under_activation_checkpointing():
 def test_teacher_loads_hf_dir_and_matches_transformers_taps(tmp_path):
     ref = hf_model(2)
     ref.save_pretrained(tmp_path / "hf")
-    teacher = load_teacher(tmp_path / "hf", DistillConfig())
+    teacher = load_teacher(tmp_path / "hf", DistillConfig(), dtype="fp32")  # against transformers in fp32
     ids, mask = batch(2)
     got = teacher(ids, mask)
     want = Taps(tap_points(ref))

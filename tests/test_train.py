@@ -111,12 +111,16 @@ def test_deepspeed_config_auto_is_the_faster_one_for_this_device(monkeypatch, tm
     from tcd_ds.config import build_config
     from tcd_ds.train import load_ds_config
 
-    cfg = build_config("tiny", ["mode=moe"])
     monkeypatch.chdir(tmp_path)  # found beside the package, not only from the repo root
-    for native, dtype in ((True, "bf16"), (False, None)):
-        monkeypatch.setattr(hardware, "cpu_bf16_native", lambda flags=None, native=native: native)
-        ds = load_ds_config("auto", cfg, torch.device("cpu"))
-        assert ds.get("bf16", {}).get("enabled") is (True if dtype else None) and ds["zero_optimization"]["stage"] == 2
+    # (flags, mode, ranks) -> (bf16, ZeRO stage): MoE stays fp32 on AMX CPUs, one rank runs without ZeRO
+    cases = {(("avx512_bf16",), "moe", 2): (True, 2), (("amx_bf16",), "moe", 2): (None, 2),
+             (("amx_bf16",), "vanilla", 2): (True, 2), (("amx_bf16",), "vanilla", 1): (True, 0),
+             (("amx_bf16",), "tcd", 1): (None, 0), (("avx2",), "vanilla", 2): (None, 2)}
+    for (flags, mode, ranks), (bf16, stage) in cases.items():
+        monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None, f=flags: frozenset(f))
+        cfg = build_config("tiny", [f"mode={mode}", *(["teacher.path=t"] if mode == "tcd" else [])])
+        ds = load_ds_config("auto", cfg, torch.device("cpu"), ranks)
+        assert ds.get("bf16", {}).get("enabled") is bf16 and ds["zero_optimization"]["stage"] == stage, (flags, mode)
         assert ds["train_micro_batch_size_per_gpu"] == cfg.train.micro_batch_size
 
 

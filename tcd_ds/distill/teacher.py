@@ -3,7 +3,7 @@
 Accepted paths: a Hugging Face BERT directory (config.json + model.safetensors or
 pytorch_model.bin), a tcd-ds export directory (the same layout), or a tcd-ds run directory (its
 `export/`). Only the encoder is kept, and only up to the deepest tapped layer: the teacher never
-runs an MLM head. Its dtype is its own (fp16 on GPU by default, fp32 on CPU), since it never
+runs an MLM head. Its dtype is its own (fp16 on GPU by default; on CPU bf16 where native, else fp32), since it never
 enters the DeepSpeed engine and no ZeRO partitioning or engine cast touches it.
 """
 from __future__ import annotations
@@ -22,8 +22,11 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+    if name == "auto":  # CPU: bf16 where the CPU multiplies it natively (the teacher's forward took 0.043
+        # against 0.083 s a step in fp32: small, 1 thread, AMX Xeon), else fp32
+        from tcd_ds.hardware import cpu_bf16_native
+
+        return torch.float16 if device.type == "cuda" else torch.bfloat16 if cpu_bf16_native() else torch.float32
     if name == "fp16" and device.type == "cpu":
         raise CheckpointError("teacher.dtype=fp16 is for GPUs; on CPU use bf16 or fp32")
     return DTYPES[name]
