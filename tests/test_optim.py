@@ -260,3 +260,29 @@ def test_train_fused_optimizer_false_builds_torchs_default_adamw():
     fused, _ = build_optimizer(model, TrainConfig())
     plain, _ = build_optimizer(model, TrainConfig(fused_optimizer=False))
     assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+
+
+def test_one_rank_without_zero_skips_the_allreduce_and_steps_the_same(world_of_one, tmp_path):
+    """On one rank without ZeRO the trainer turns off DeepSpeed's backward all-reduce (a flatten, a
+    reduction over a group of one and a copy back): the weights after accumulated steps are the same
+    to the bit as with it, experts included; under ZeRO-2 it stays on."""
+    overrides = ["train.grad_accum=2"]
+    weights = {}
+    for skip in (True, False):
+        cfg, engine, optimizer, _ = _engine(tmp_path, overrides, stage=0)
+        assert engine.enable_backward_allreduce is False  # the trainer's engine, one rank, stage 0
+        if not skip:
+            engine.enable_backward_allreduce = True  # DeepSpeed's default
+        for i in range(4):  # two optimizer steps of two micro-batches
+            batch = _batch(i)
+            if i % 2 == 0:
+                optimizer.begin_step()
+            out = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], labels=batch["labels"])
+            engine.backward(out.loss)
+            engine.step()
+        weights[skip] = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    assert weights[True].keys() == weights[False].keys()
+    assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
+    assert any("experts" in k for k in weights[True])
+    _, engine, _, _ = _engine(tmp_path, overrides, stage=2)
+    assert engine.enable_backward_allreduce is True
