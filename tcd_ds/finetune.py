@@ -23,7 +23,8 @@ Training: AdamW (betas 0.9/0.999, eps 1e-8; torch's fused kernel on CPU and CUDA
 on every weight matrix, not on biases, experts' stacked biases and LayerNorm weights), pre-training's
 schedule (`optim.warmup_decay`): linear warm-up over `--warmup-ratio` of the steps then linear
 decay to 0, gradient clipping at
-`--max-grad-norm`, dropout as in the model's config, fp32. Each run is seeded: `torch.manual_seed`
+`--max-grad-norm`, dropout `--dropout` (0.1, BERT's, on hidden states and attention, whatever the
+model was pre-trained with: the `small` recipes pre-train without dropout), fp32. Each run is seeded: `torch.manual_seed`
 before the heads are initialised (and for dropout), plus a separate seeded generator for the
 shuffling, so a seed gives the same numbers again on the same machine and thread count (CPU; CUDA
 kernels are not guaranteed bitwise reproducible). Batches are padded per batch (dynamic padding), and by
@@ -146,6 +147,7 @@ class FinetuneArgs(Section):
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     aux_loss_weight: float | None = None
+    dropout: float = 0.1  # hidden and attention dropout while fine-tuning (BERT's), whatever pre-training used
     moe_backend: str = "torch"
     max_train_examples: int = 0
     max_eval_examples: int = 0
@@ -172,6 +174,7 @@ class FinetuneArgs(Section):
                           ("max_eval_examples", 0), ("threads", 0)):
             check(getattr(self, name) >= low, name, f"{getattr(self, name)} must be >= {low}")
         check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"{self.warmup_ratio} must be in [0, 1)")
+        check(0 <= self.dropout < 1, "dropout", f"{self.dropout} must be in [0, 1)")
         for name in ("weight_decay", "max_grad_norm", "aux_loss_weight", "progress_seconds"):
             value = getattr(self, name)
             check(value is None or math.isfinite(value) and value >= 0, name, f"{value} must be >= 0")
@@ -220,6 +223,8 @@ def parse_args(argv: Sequence[str] | None = None) -> FinetuneArgs:
     arg("--weight-decay", "AdamW weight decay")
     arg("--max-grad-norm", "0 disables clipping")
     arg("--aux-loss-weight", "MoE load-balancing loss weight while fine-tuning (default: the model's)")
+    arg("--dropout", "hidden and attention dropout while fine-tuning (default 0.1, BERT's, whatever the model "
+                     "was pre-trained with)")
     arg("--moe-backend", "MoE experts' implementation", choices=("torch", "grouped"))
     arg("--max-train-examples", "0 = all")
     arg("--max-eval-examples", "0 = all")
@@ -239,12 +244,15 @@ def parse_args(argv: Sequence[str] | None = None) -> FinetuneArgs:
 
 def build_model(model_dir: str | Path, num_labels: int, aux_loss_weight: float | None = None,
                 moe_backend: str = "torch", sd: dict[str, torch.Tensor] | None = None,
-                cfg: ModelConfig | None = None) -> BertForSequenceClassification:
+                cfg: ModelConfig | None = None, dropout: float | None = None) -> BertForSequenceClassification:
     """A classifier on the pre-trained encoder in `model_dir`; the heads are initialised from the
     global torch RNG (seed it first). Only the pooler (when the checkpoint has none) and the
-    classifier may be absent from the checkpoint; anything else is a `CheckpointError`."""
+    classifier may be absent from the checkpoint; anything else is a `CheckpointError`. `dropout`,
+    when given, replaces the model's hidden and attention dropout."""
     if sd is None or cfg is None:
         cfg, sd = read_pretrained(model_dir)
+    if dropout is not None:
+        cfg = dataclasses.replace(cfg, hidden_dropout=dropout, attention_dropout=dropout)
     if cfg.moe.num_experts:
         moe = dataclasses.replace(cfg.moe, backend=moe_backend, ep_size=1)
         if aux_loss_weight is not None:
@@ -626,7 +634,7 @@ def _run_settings(args: FinetuneArgs, cfg: ModelConfig, vocab: str) -> dict[str,
             "max_grad_norm": args.max_grad_norm, "max_train_examples": args.max_train_examples,
             "max_eval_examples": args.max_eval_examples, "eval_split": args.eval_split.lower(),
             "vocab": str(Path(vocab).resolve()),
-            "aux_loss_weight": args.aux_loss_weight if cfg.moe.num_experts else None,
+            "aux_loss_weight": args.aux_loss_weight if cfg.moe.num_experts else None, "dropout": args.dropout,
             "moe_backend": args.moe_backend if cfg.moe.num_experts else None}
 
 
@@ -658,7 +666,7 @@ def run_sweep(args: FinetuneArgs) -> dict[str, Any]:
                     continue
                 torch.manual_seed(seed)
                 model = build_model(args.model, spec.num_labels, args.aux_loss_weight, args.moe_backend,
-                                    sd=sd, cfg=cfg).to(device)
+                                    sd=sd, cfg=cfg, dropout=args.dropout).to(device)
                 result = train_one(model, spec, train, eval_sets, lr=lr, seed=seed, epochs=args.epochs,
                                    batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,
                                    weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,

@@ -109,6 +109,12 @@ def _tokens_at(history: list[dict], step: int) -> int | None:
     return int(seen[-1]["tokens"]) if seen else None
 
 
+def export_num_experts(config: dict) -> int:
+    """The experts per MoE layer of an export's config.json: our exports keep the MoE settings under
+    `tcd_moe` (a dense BERT has none: 0)."""
+    return int((config.get("tcd_moe") or {}).get("num_experts", config.get("num_experts", 0)) or 0)
+
+
 def _pretraining(out: Path, rc: dict, key: str, runs: dict[str, dict]) -> dict[str, Any]:
     """steps, tokens and the held-out MLM figures of one model of results.json."""
     if key == "random_init":
@@ -129,7 +135,7 @@ def _pretraining(out: Path, rc: dict, key: str, runs: dict[str, dict]) -> dict[s
     export = (random_init_dir(out) / "export") if key == "random_init" else (
         aligned_dir(out) / "export" if key == "baseline_aligned" else run_dirs(out, rc)[key] / "export")
     config = read_json(export / "config.json") or {}
-    return {"hidden_size": config.get("hidden_size"), "num_experts": config.get("num_experts", 0),
+    return {"hidden_size": config.get("hidden_size"), "num_experts": export_num_experts(config),
             "steps": steps, "tokens": tokens,
             "val_mlm_loss": ev.get("val", {}).get("mlm_loss"), "val_mlm_accuracy": ev.get("val", {}).get("accuracy"),
             "wikitext2_mlm_loss": ev.get("wikitext2", {}).get("mlm_loss"),
@@ -147,8 +153,8 @@ def analysis_results(out: Path) -> dict[str, dict[str, dict]]:
 
 def results(out: Path, rc: dict, command: str) -> dict[str, Any]:
     """What `results.json` holds: per model its pre-training figures and per GLUE task its per-seed
-    scores (percent, at the sweep's best lr), and the comparisons with 95 % bootstrap intervals."""
-    from tcd_ds.compare import bootstrap_diff
+    scores (percent, at the sweep's best lr), and the comparisons with 95 % Welch t intervals."""
+    from tcd_ds.compare import welch_diff
 
     out = Path(out)
     runs = {k: s for k, d in run_dirs(out, rc).items() if (s := read_json(d / "summary.json"))}
@@ -169,7 +175,7 @@ def results(out: Path, rc: dict, command: str) -> dict[str, Any]:
             xa = models[a]["glue_avg"] if task == "GLUE avg" else models[a]["glue"].get(task, [])
             xb = models[b]["glue_avg"] if task == "GLUE avg" else models[b]["glue"].get(task, [])
             if xa and xb:
-                comparisons.append({"a": a, "b": b, "task": task, **bootstrap_diff(xa, xb)})
+                comparisons.append({"a": a, "b": b, "task": task, **welch_diff(xa, xb)})
     return {"command": command, "tasks": tasks, "seeds": rc["glue"]["seeds"], "lrs": rc["glue"]["lrs"],
             "scores": "percent: the task's GLUE score (mean of its metrics), per seed, at the best lr (highest median)",
             "models": models, "comparisons": comparisons,
@@ -578,16 +584,17 @@ def _relations_section(c: _Report) -> list[str]:
 
 
 def _comparisons_section(c: _Report) -> list[str]:
-    """The comparisons with bootstrap intervals; writes results.json."""
+    """The comparisons with Welch t intervals; writes results.json."""
     out, rc, command = c.out, c.rc, c.command
     md: list[str] = []
     res_json = results(out, rc, command)
     rows = [[f"{LABELS[c['a']]} − {LABELS[c['b']]}", c["task"], f"{c['diff']:+.1f}",
              f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]", f"{c['n_a']} / {c['n_b']}"]
             for c in res_json["comparisons"]]
-    md += [HEADINGS[9], "", "Difference of mean scores (points), with a 95 % bootstrap interval (10,000 "
-           "replicates resampling each model's seeds independently; `tcd_ds/compare.py`). An interval that "
-           "contains 0 is no evidence either way.", "",
+    md += [HEADINGS[9], "", "Difference of mean scores (points), with a 95 % Welch t interval over the "
+           "fine-tuning seeds (unequal variances; `tcd_ds/compare.py`: with 5 seeds a side a percentile "
+           "bootstrap covers only ~88 %). The interval leaves out pre-training's variance: one pre-training "
+           "of each model. An interval that contains 0 is no evidence either way.", "",
            md_table(["a − b", "task", "diff", "95 % CI", "seeds a / b"], rows) if rows else "(nothing to compare yet)",
            ""]
     write_json_atomic(out / "results.json", res_json)

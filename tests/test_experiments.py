@@ -644,3 +644,14 @@ def test_a_trainer_key_added_at_its_default_keeps_finished_units_and_a_change_is
     assert p.unit(unit, {"config": {"train": {"lr": 1.0}}}, lambda: pytest.fail("re-ran"))["unit"] == "u"
     with pytest.raises(ex.ExperimentError, match=r"other settings \(config.train.lr: 1.0 -> 2.0\)"):
         p.unit(unit, {"config": {"train": {"lr": 2.0}}}, lambda: {})
+
+
+def test_results_name_an_moe_exports_real_number_of_experts():
+    """results.json's `num_experts` read the export's config.json; ours keep the MoE settings under
+    `tcd_moe` (every MoE model was reported with 0 experts before)."""
+    from tcd_ds.config import build_config
+    from tcd_ds.model.hf import config_to_hf
+
+    moe = config_to_hf(build_config("tiny", ["mode=moe", "model.moe.num_experts=8"]).student_model())
+    dense = config_to_hf(build_config("tiny", ["mode=vanilla"]).student_model())
+    assert report.export_num_experts(moe) == 8 and report.export_num_experts(dense) == 0

@@ -438,6 +438,23 @@ def test_arguments_are_the_typed_finetune_args_with_its_defaults():
     assert (args.lrs, args.seeds, args.epochs, args.aux_loss_weight) == ([1e-4, 3e-4], [4], 1, 0.0)
 
 
+def test_fine_tuning_uses_berts_dropout_whatever_pre_training_used(tmp_path):
+    """A model pre-trained without dropout (the small recipes) fine-tunes with 0.1 on hidden states and
+    attention unless --dropout says otherwise; the sweep's settings record it."""
+    cfg = ModelConfig(**{**TINY, "hidden_dropout": 0.0, "attention_dropout": 0.0})
+    path = save_pretrained(BertForMaskedLM(cfg), cfg, tmp_path / "no-dropout")
+    assert finetune.parse_args(["--model", "m", "--task", "MRPC", "--glue-dir", "g"]).dropout == 0.1
+
+    def rates(dropout):
+        model = finetune.build_model(path, 2, dropout=dropout)
+        ps = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+        return ps | {model.config.hidden_dropout, model.config.attention_dropout}
+
+    assert rates(0.1) == {0.1} and rates(0.0) == {0.0} and rates(None) == {0.0}
+    args = finetune.parse_args(["--model", str(path), "--task", "MRPC", "--glue-dir", "g", "--dropout", "0.2"])
+    assert finetune._run_settings(args, cfg, "v")["dropout"] == 0.2
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--epochs", "0"], "argument --epochs: 0 must be >= 1"),
     (["--lrs="], "argument --lrs: give at least one learning rate"),
@@ -449,6 +466,7 @@ def test_arguments_are_the_typed_finetune_args_with_its_defaults():
     (["--weight-decay=-1"], "argument --weight-decay: -1.0 must be >= 0"),
     (["--aux-loss-weight", "nan"], "argument --aux-loss-weight: nan must be >= 0"),
     (["--threads", "1.5"], "argument --threads: '1.5' is not int"),
+    (["--dropout", "1"], "argument --dropout: 1.0 must be in [0, 1)"),
 ])
 def test_bad_arguments_are_one_line_naming_the_flag(extra, message, capsys):
     with pytest.raises(SystemExit) as exc:
