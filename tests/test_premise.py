@@ -1,4 +1,5 @@
 """The premise study (`tcd_ds.premise`): P1's rule read off the runs' eval curves, and a real run."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,9 +11,10 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _rc(seeds=(1, 2)):
-    return {"model_recipe": "tiny", "ranks": 1, "pretrain": {"train": {"max_steps": 20}},
-            "variants": {"vanilla": {"model": {"moe": {"num_experts": 0}}}, "moe4": {"model": {"moe": {"num_experts": 4}}}},
-            "reference": "vanilla", "seeds": list(seeds)}
+    return dataclasses.asdict(premise.PremiseConfig(
+        model_recipe="tiny", pretrain={"train": {"max_steps": 20}}, seeds=list(seeds),
+        variants={"vanilla": {"model": {"moe": {"num_experts": 0}}}, "moe4": {"model": {"moe": {"num_experts": 4}}}}
+    ).validate())
 
 
 def _curve(out: Path, run: str, points: dict[int, float]) -> None:
@@ -68,7 +70,9 @@ def test_a_small_study_trains_every_variant_and_reports(tmp_path):
         "pretrain: {data: {max_documents: 40, eval_max_sequences: 16, eval_corpora: ''},\n"
         "           train: {max_steps: 4, micro_batch_size: 4, warmup_steps: 1, log_every: 2, eval_every: 2,\n"
         "                   eval_batches: 2, save_every: 2}}\n"
-        "variants: {vanilla: {}, moe4: {model: {moe: {num_experts: 4}}}}\nseeds: [1]\n")
+        "variants: {vanilla: {}, moe4: {model: {moe: {num_experts: 4}}}}\nseeds: [1]\n"
+        f"glue: {{dir: {SHARED / 'glue'}, tasks: [MRPC], seeds: [1, 2], epochs: 1, max_train_examples: 16,\n"
+        "       max_eval_examples: 16, max_seq_len: 32, batch_size: 8}\n")
     out = tmp_path / "out"
     results = premise.main([str(recipe), "--out", str(out)])
     assert {r["finished"] for r in results["runs"].values()} == {True}
@@ -76,5 +80,24 @@ def test_a_small_study_trains_every_variant_and_reports(tmp_path):
     assert results["variants"]["moe4"]["step"] == 4 and results["variants"]["moe4"]["num_experts"] == 4
     assert json.loads((out / "results.json").read_text())["variants"]["moe4"]["mean"] == results["variants"]["moe4"]["mean"]
     assert "| moe4 | 4 | 1 | 4 |" in (out / "report.md").read_text()
+    # P2: the best (only) variant and the reference at matched loss, each fine-tuned with both seeds
+    pair = results["transfer"]["moe4"]["pairs"][0]
+    assert set(pair["models"]) == {"vanilla", "moe4"} and pair["seed"] == 1
+    assert {m["source"] for m in pair["models"].values()} <= {"export", "checkpoint"}
+    behind = max(pair["models"].values(), key=lambda m: m["val"])
+    assert behind["source"] == "export" and behind["step"] == 4
+    assert all(len(m["glue_avg"]) == 2 for m in pair["models"].values())
+    assert results["transfer"]["moe4"]["p2_met"] in (True, False)
+    assert "## P2: transfer at matched val MLM loss" in (out / "report.md").read_text()
     again = premise.main([str(recipe), "--out", str(out)])  # finished runs are skipped, the figures stay
     assert again["variants"] == results["variants"]
+
+
+def test_variants_restricts_what_this_invocation_trains(tmp_path):
+    rc = premise.load("small")[1]
+    assert [r[0] for r in premise.plan(rc, ["moe16"])] == ["vanilla-seed1", "vanilla-seed2", "moe16-seed1",
+                                                           "moe16-seed2"]
+    assert len(premise.plan(rc)) == 2 * len(rc["variants"])
+    with pytest.raises(SystemExit) as err:
+        premise.main(["small", "--out", str(tmp_path), "--variants", "moe7"])
+    assert err.value.code == 2 and not (tmp_path / "runs").exists()
