@@ -467,6 +467,18 @@ def test_a_seed_builds_the_same_model_in_every_backend():
     assert len(set(next_draw.values())) == 1, next_draw
 
 
+def test_num_parameters_counts_the_global_model_under_expert_parallelism(monkeypatch):
+    """`ep_size` 2 holds half the experts on each rank; the model (summary.json's `parameters`) has all
+    of them, and its active count (top_k experts per token) does not depend on ep_size either."""
+    from tcd_ds.model.bert import num_parameters
+
+    monkeypatch.setattr(DeepSpeedMoE, "init_expert_offset", lambda self: 0)  # rank 0 of 2, in one process
+    full, half = _init_model("torch", 1), _init_model("deepspeed", 2)
+    assert len(_moe_layers(half)[0].local_experts) == E // 2
+    assert num_parameters(half) == num_parameters(full)
+    assert num_parameters(half, active=True) == num_parameters(full, active=True) < num_parameters(full)
+
+
 @pytest.mark.parametrize("backend", ["torch", "grouped", "deepspeed"])
 def test_moe_layer_is_initialised_by_its_constructor(backend, monkeypatch):
     """A layer built and used without `init_weights` never routes on uninitialised memory: with
