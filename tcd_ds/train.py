@@ -49,7 +49,8 @@ from tcd_ds.dist import (Layout, check_expert_groups_local, close_ranks, detect_
                          init_distributed, one_rank_first)
 from tcd_ds.distill.objective import RelationObjective, check_compatible
 from tcd_ds.distill.taps import Taps, tap_points
-from tcd_ds.distill.teacher import FrozenTeacher, load_teacher, read_teacher_config, teacher_dir
+from tcd_ds.distill.teacher import (FrozenTeacher, check_teacher_positions, load_teacher, read_teacher_config,
+                                   teacher_dir)
 from tcd_ds.hardware import bf16_warning
 from tcd_ds.memory import format_plan, memory_plan
 from tcd_ds.model.bert import BertForMaskedLM, flops_per_token, num_parameters
@@ -275,6 +276,7 @@ def resolve_run(cfg: Config, ds_path: str, resume: str, layout: Layout) -> Run:
     teacher = read_teacher_config(cfg.teacher.path) if cfg.mode == "tcd" else None
     deferred = vocab_falls_back(cfg.data.vocab)  # the trained/fallback vocab's size is known once built
     if teacher is not None:
+        check_teacher_positions(teacher, cfg.data.max_seq_len, cfg.teacher.path)
         student = cfg.student_model()
         check_compatible(dataclasses.replace(student, vocab_size=teacher.vocab_size) if deferred else student,
                          teacher, cfg.distill)

@@ -273,3 +273,23 @@ def test_phase_clock_times_only_the_logged_steps_where_a_lap_synchronizes(monkey
         cpu.begin(timed)
         cpu.lap("data")
     assert cpu.take()["data"] == 1.0 and cpu.steps == 0
+
+
+def test_a_teacher_shorter_than_the_sequences_is_refused_before_compute(monkeypatch, capsys, tmp_path):
+    """A teacher with max_position below data.max_seq_len used to be accepted and to fail in its
+    forward (IndexError on CPU; on GPU a device-side assert that takes NCCL down): one `error:` line
+    naming both values, before the run dir or any data is touched."""
+    from tcd_ds import train as tr
+
+    cfg = ModelConfig(vocab_size=30522, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256,
+                      max_position=32)
+    save_pretrained(BertForMaskedLM(cfg), cfg, tmp_path / "short")
+    monkeypatch.setattr(tr, "StopRequest", lambda: None)  # leave pytest's signal handlers alone
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        tr.main(["--config", "tiny", "--mode", "tcd", "--deepspeed_config", "ds_configs/cpu_zero2.json",
+                 f"teacher.path={tmp_path / 'short'}", "data.max_seq_len=64", f"run_dir={run}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert "max_position=32" in err[0] and "data.max_seq_len=64" in err[0], err
+    assert not run.exists()
