@@ -293,3 +293,48 @@ def test_a_teacher_shorter_than_the_sequences_is_refused_before_compute(monkeypa
     assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     assert "max_position=32" in err[0] and "data.max_seq_len=64" in err[0], err
     assert not run.exists()
+
+
+def _tiny_moe(shared_data: Path, cache: Path, run: Path, steps: int, *extra: str) -> list[str]:
+    """A few steps of a very small MoE model in this process (~1 s a run after the token cache)."""
+    return ["--config", "tiny", "--mode", "moe", "--deepspeed_config", "ds_configs/cpu_zero0.json",
+            *quick(shared_data, cache, run, steps, "data.eval_corpora=", "model.moe.num_experts=4",
+                   "data.max_seq_len=32", "train.micro_batch_size=4", "model.hidden_dropout=0",
+                   "model.attention_dropout=0", *extra)]
+
+
+def test_a_log_line_holds_its_windows_means(shared_data, cache, tmp_path, monkeypatch):
+    """log_window logs each value's mean over the window's steps (it logged the last step's), so do
+    TensorBoard (with the tag's description saying so), metrics.jsonl and summary.json's final_*."""
+    from tcd_ds import train as tr
+
+    from trainer_utils import train_in_process
+
+    seen, real = [], tr.forward_loss
+    def forward_loss(*args, **kwargs):  # one micro-batch a step: each step's own values
+        loss, parts, out = real(*args, **kwargs)
+        seen.append({k: float(parts[k]) for k in ("loss", "mlm", "aux", "balance")})
+        return loss, parts, out
+
+    monkeypatch.setattr(tr, "forward_loss", forward_loss)
+    run = tmp_path / "run"
+    summary = train_in_process(_tiny_moe(shared_data, cache, run, 5, "train.log_every=3",
+                                         "train.lr=3e-3", "train.warmup_steps=1"), monkeypatch)
+    assert len(seen) == 5
+    window = {1: seen[0:3], 2: seen[3:5]}  # steps 1-3 (logged at 3) and 4-5 (the last step)
+    history = summary["history"]
+    assert [h["step"] for h in history] == [3, 5]
+    for h, steps in zip(history, window.values()):
+        for k in ("loss", "mlm", "aux", "balance"):
+            mean = sum(s[k] for s in steps) / len(steps)
+            assert h[k] == pytest.approx(mean, rel=1e-6, abs=1e-9), (h["step"], k)
+    assert abs(seen[2]["mlm"] - history[0]["mlm"]) > 1e-4  # the last step alone is not the mean
+    assert summary["final_mlm_loss"] == history[-1]["mlm"] and summary["final_loss"] == history[-1]["loss"]
+    assert summary["final_aux_loss"] == history[-1]["aux"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("train/mlm")] == pytest.approx([h["mlm"] for h in history], rel=1e-6)
+    assert "mean over the applied (not skipped) steps" in acc.SummaryMetadata("train/mlm").summary_description
+    assert "last step" in acc.SummaryMetadata("train/lr").summary_description
