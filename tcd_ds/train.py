@@ -106,6 +106,10 @@ def load_ds_config(path: str, cfg: Config, device: torch.device, ranks: int = 1)
     except json.JSONDecodeError as err:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
     stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage in (1, 2) and ds["zero_optimization"].get("compute_grad_norm") is False:
+        raise ConfigError(f"{path}: zero_optimization.compute_grad_norm=false: the trainer's skip guard needs ZeRO's "
+                          "global gradient norm to skip a step with a non-finite gradient in any parameter group; "
+                          "remove the key")
     uses_ds_moe = cfg.mode != "vanilla" and cfg.model.moe.backend == "deepspeed"
     if stage == 3 and uses_ds_moe:
         raise ConfigError(f"{path}: ZeRO stage 3 is not supported with DeepSpeed-MoE; use stage 1 or 2")
@@ -384,6 +388,11 @@ def build_engine(cfg: Config, model: BertForMaskedLM, ds_config: dict):
     optimizer, scheduler = build_optimizer(model, cfg.train)  # a skipped step does not advance the schedule
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
+    wrapper = engine.optimizer
+    if wrapper is not optimizer and hasattr(wrapper, "_global_grad_norm"):
+        # ZeRO steps our optimizer one parameter group at a time; the skip guard decides for the whole
+        # step at the first group from the norm ZeRO (or the bf16 wrapper) took over every group and rank
+        optimizer.global_grad_norm = lambda: wrapper._global_grad_norm
     return engine, optimizer, scheduler
 
 

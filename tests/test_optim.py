@@ -260,3 +260,93 @@ def test_train_fused_optimizer_false_builds_torchs_default_adamw():
     fused, _ = build_optimizer(model, TrainConfig())
     plain, _ = build_optimizer(model, TrainConfig(fused_optimizer=False))
     assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+
+
+# --------------------------------------------------------------------------- the skip guard under ZeRO
+
+
+class _CountingDist:
+    """`torch.distributed` as tcd_ds.optim sees it, counting its all-reduces and claiming 2 ranks (the
+    reduction itself runs on the real world of one)."""
+
+    ReduceOp = td.ReduceOp
+
+    def __init__(self):
+        self.reductions = 0
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def get_world_size(self, group=None) -> int:
+        return 2
+
+    def get_backend(self, group=None) -> str:
+        return td.get_backend()
+
+    def all_reduce(self, tensor, *args, **kwargs):
+        self.reductions += 1
+        return td.all_reduce(tensor, *args, **kwargs)
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["zero2", "zero2-offload"])
+def test_the_skip_guard_decides_once_per_step_for_every_group(world_of_one, tmp_path, monkeypatch, offload):
+    """ZeRO calls the optimizer once per parameter group (4 here: decay, no-decay, and the experts'
+    two). The guard makes one all-reduce a step (it made one per group), and a non-finite gradient in
+    the last group skips the whole step (the groups before it had stepped already). bf16 with
+    DeepSpeed's own gradient check off, so the guard is what meets the NaN; also with ZeRO-Offload
+    (fp32 partitions on the CPU)."""
+    from tcd_ds import optim
+
+    cfg = build_config("tiny", OVERRIDES + ["model.moe.backend=deepspeed"])
+    ds = json.loads((REPO / "ds_configs" / "cpu_zero2_bf16.json").read_text())
+    ds["bf16"]["check_grad_overflow"] = False  # DeepSpeed's own check (on by default) would skip it first
+    if offload:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        ds["zero_force_ds_cpu_optimizer"] = False  # ours is torch's AdamW
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    torch.manual_seed(0)
+    model = BertForMaskedLM(cfg.student_model())
+    expert_bias = model.bert.encoder.layer[0].moe.local_experts[0].fc1.bias  # in the last group
+    engine, optimizer, _ = trainer.build_engine(cfg, model, trainer.load_ds_config(
+        str(tmp_path / "ds.json"), cfg, torch.device("cpu")))
+    assert len(optimizer.param_groups) == 4 and getattr(engine.optimizer, "cpu_offload", False) == offload
+    counting = _CountingDist()
+    monkeypatch.setattr(optim, "dist", counting)
+    for i, poisoned in enumerate([False, True, False]):
+        batch = _batch(i)
+        before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+        optimizer.begin_step()
+        out = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], labels=batch["labels"])
+        loss = out.loss
+        if poisoned:
+            poison = expert_bias.sum() * 0.0
+            poison.register_hook(lambda g: g * float("nan"))
+            loss = loss + poison
+        reductions = counting.reductions
+        engine.backward(loss)
+        engine.step()
+        assert counting.reductions - reductions == 1, (i, counting.reductions - reductions)
+        assert not getattr(engine.optimizer, "overflow", False)  # not DeepSpeed's own check: the guard's
+        assert optimizer.skipped == optimizer.bad_gradients == poisoned, i
+        after = engine.module.state_dict()
+        changed = [k for k, v in before.items() if not torch.equal(after[k], v)]
+        assert (not changed) if poisoned else len(changed) > len(after) // 2, (i, changed[:5])
+
+
+def test_the_skip_guard_reduces_on_the_process_groups_device(monkeypatch, tmp_path):
+    """Under NCCL the flag goes to the current CUDA device whatever the partitions' device (the CPU
+    under ZeRO-Offload, which NCCL cannot reduce); and a ZeRO config without a global gradient norm,
+    which the guard decides from, is refused in one line."""
+    from tcd_ds import optim
+    from tcd_ds.config import ConfigError
+
+    monkeypatch.setattr(optim.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(optim.torch.cuda, "current_device", lambda: 3)
+    assert optim.comm_device() == torch.device("cuda", 3)
+    monkeypatch.undo()
+    cfg = build_config("tiny", OVERRIDES)
+    ds = json.loads((REPO / "ds_configs" / "cpu_zero2.json").read_text())
+    ds["zero_optimization"]["compute_grad_norm"] = False
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match="compute_grad_norm=false"):
+        trainer.load_ds_config(str(tmp_path / "ds.json"), cfg, torch.device("cpu"))
