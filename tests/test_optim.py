@@ -92,6 +92,44 @@ def test_every_backend_puts_the_same_parameters_in_the_same_group():
     assert d["bert.encoder.layer.0.attention.self.query.weight"] == 0.1
 
 
+# --------------------------------------------------------------------------- the LR schedule
+
+
+# (warmup_steps, total_steps, schedule, min_lr_ratio) -> the factor of steps 0, 1, 2, ... by hand
+SCHEDULES = {
+    (4, 10, "linear", 0.0): [1 / 4, 2 / 4, 3 / 4, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0, 0.0],
+    (3, 9, "linear", 0.0): [1 / 3, 2 / 3, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0],
+    (2, 6, "cosine", 0.0): [1 / 2, 1.0, 1.0, (1 + 2 ** -0.5) / 2, 1 / 2, (1 - 2 ** -0.5) / 2, 0.0, 0.0],
+    (2, 6, "linear", 0.1): [1 / 2, 1.0, 1.0, 0.1 + 0.9 * 3 / 4, 0.1 + 0.9 / 2, 0.1 + 0.9 / 4, 0.1, 0.1],
+    (0, 4, "linear", 0.0): [1.0, 3 / 4, 2 / 4, 1 / 4, 0.0],
+}
+
+
+@pytest.mark.parametrize("key", list(SCHEDULES), ids=lambda k: "-".join(map(str, k)))
+def test_the_lr_schedule_is_the_hand_computed_one(key):
+    """Step n (0-based, the LR of the n-th applied step) warms up linearly to 1 over `warmup_steps`
+    steps ((n + 1) / warmup, so step warmup - 1 is the first at the peak), then decays to min_lr_ratio
+    at total_steps; never above 1. Pinned to values worked out by hand, not to lr_lambda itself: a
+    warm-up one step too long (4/3 at its end) passed every test that compared with lr_lambda."""
+    from tcd_ds.config import TrainConfig
+    from tcd_ds.optim import GuardedLambdaLR, warmup_decay
+
+    warmup, total, schedule, floor = key
+    expected = SCHEDULES[key]
+    factors = [warmup_decay(warmup, total, schedule, floor)(n) for n in range(len(expected))]
+    assert factors == pytest.approx(expected, abs=1e-12)
+    assert max(warmup_decay(warmup, total, schedule, floor)(n) for n in range(3 * total)) <= 1.0
+    # the trainer's schedule object: LR of the first step, then after each applied step
+    t = TrainConfig(lr=2e-3, warmup_steps=warmup, max_steps=total, schedule=schedule, min_lr_ratio=floor)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.lr)
+    sched, lrs = GuardedLambdaLR(opt, lr_lambda(t)), []
+    for _ in expected:
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([t.lr * f for f in expected], rel=1e-12, abs=1e-18)
+
+
 # --------------------------------------------------------------------------- engines
 
 
