@@ -338,3 +338,52 @@ def test_a_log_line_holds_its_windows_means(shared_data, cache, tmp_path, monkey
     assert [e.value for e in acc.Scalars("train/mlm")] == pytest.approx([h["mlm"] for h in history], rel=1e-6)
     assert "mean over the applied (not skipped) steps" in acc.SummaryMetadata("train/mlm").summary_description
     assert "last step" in acc.SummaryMetadata("train/lr").summary_description
+
+
+def test_an_in_process_resume_restores_the_schedule_rng_and_data_position(shared_data, cache, tmp_path,
+                                                                          monkeypatch):
+    """A run resumed from its step-2 checkpoint continues as the uninterrupted run: right after the
+    resume the LR schedule stands at step 2 and the RNG is the checkpoint's, and steps 3-4 see the same
+    samples (data position), the same LR and, with dropout on (the RNG), the same losses. In this
+    process, in seconds (a resume that forgot the scheduler was caught only by a slow 2-rank test)."""
+    import shutil
+
+    import torch
+
+    from tcd_ds import train as tr
+    from tcd_ds.checkpoint import safe_load
+    from tcd_ds.optim import lr_lambda
+
+    from trainer_utils import train_in_process
+
+    def args(run: Path) -> list[str]:
+        return _tiny_moe(shared_data, cache, run, 4, "train.save_every=2", "train.keep_checkpoints=3",
+                         "model.hidden_dropout=0.1", "train.warmup_steps=3")
+
+    straight = train_in_process(args(tmp_path / "straight"), monkeypatch)
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step_00000002",
+                    resumed_dir / "checkpoints" / "step_00000002")
+    seen, real = {}, tr.resume
+
+    def resume(t):
+        real(t)
+        seen.update(step=t.step, last_epoch=t.scheduler.last_epoch, lr=t.scheduler.get_last_lr()[0],
+                    rng=torch.get_rng_state(), train=t.cfg.train)
+
+    monkeypatch.setattr(tr, "resume", resume)
+    resumed = train_in_process(args(resumed_dir), monkeypatch)
+    saved = safe_load(resumed_dir / "checkpoints" / "step_00000002" / "rng_rank00000.pt")
+    assert seen["step"] == 2 and seen["last_epoch"] == 2
+    assert seen["lr"] == pytest.approx(seen["train"].lr * lr_lambda(seen["train"])(2), rel=1e-12)
+    assert torch.equal(seen["rng"], saved["torch"])
+    a = {h["step"]: h for h in straight["history"]}
+    b = {h["step"]: h for h in resumed["history"]}
+    assert sorted(b) == [3, 4]  # this process's log lines: the steps after the checkpoint
+    for step in (3, 4):
+        assert b[step]["samples_rank0"] == a[step]["samples_rank0"], step  # the data position
+        assert b[step]["lr"] == a[step]["lr"], step
+        for key in ("loss", "mlm", "aux"):
+            assert abs(b[step][key] - a[step][key]) <= 1e-6, (step, key, a[step][key], b[step][key])
+    assert resumed["tokens"] == straight["tokens"] and resumed["steps"] == 4
