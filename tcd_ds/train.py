@@ -619,6 +619,8 @@ def describe(name: str, log_every: int) -> str:
         return f"over {window}, all ranks together"
     if name == "tokens":
         return "tokens trained on so far, all ranks together"
+    if name == "grad_norm":
+        return f"global gradient norm before clipping, mean over the applied (not skipped) steps of {window}"
     if name.startswith("time_"):
         return f"seconds per timed step in phase {name[5:]}, mean over {window} and over ranks"
     return (f"mean over the applied (not skipped) steps of {window}, each the mean of its micro-batches, "
