@@ -49,14 +49,23 @@ class Monitor:
         self.enabled, self.total_steps = enabled, total_steps
         self.start_step, self.start_time = start_step, time.perf_counter()
         self.writer = None
+        self.described: set[str] = set()  # tags whose description was written
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer:
-            for tag, value in values.items():
+    def scalars(self, step: int, values: dict[str, float], descriptions: dict[str, str] | None = None) -> None:
+        """`values` at `step`; a tag's first value in this process carries its description, if given
+        (TensorBoard shows it beside the chart)."""
+        if not self.writer:
+            return
+        for tag, value in values.items():
+            text = (descriptions or {}).get(tag)
+            if text and tag not in self.described:
+                self.described.add(tag)
+                self.writer._get_file_writer().add_summary(described_scalar(tag, value, text), step)
+            else:
                 self.writer.add_scalar(tag, value, step)
 
     def histogram(self, step: int, tag: str, values: torch.Tensor) -> None:
@@ -82,6 +91,15 @@ class Monitor:
         if self.writer:
             self.writer.flush()
             self.writer.close()
+
+
+def described_scalar(tag: str, value: float, description: str):
+    """A scalar summary like `SummaryWriter.add_scalar`'s (old style: `simple_value`) whose metadata
+    carries `description` (TensorBoard keeps the first metadata it reads for a tag)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+
+    return Summary(value=[Summary.Value(tag=tag, simple_value=float(value),
+                                        metadata=SummaryMetadata(summary_description=description))])
 
 
 class MetricsLog:

@@ -1,14 +1,19 @@
 """Optimizer pieces: MoE-aware parameter groups, the LR schedule, and a step that can be skipped.
 
 DeepSpeed's ZeRO-1/2 optimizer wraps the torch optimizer we pass and calls its `step()` on this
-rank's fp32 partitions (once per parameter group). `GuardedAdamW.step` first agrees with every rank
-on whether the step must be skipped (a non-finite loss seen by the trainer, or a non-finite
-gradient in any rank's partition) and then either steps or leaves parameters and optimizer state
-untouched on all ranks alike, so no rank drifts from the others.
+rank's fp32 partitions once per parameter group, each call seeing that group alone (and, without
+offload, only that group's gradient exists yet). `GuardedAdamW` decides once per step, at the first
+group's call, whether the whole step is skipped (a non-finite loss seen by the trainer, or a
+non-finite gradient anywhere: under ZeRO from the wrapper's global gradient norm over every group
+and rank, `global_grad_norm`), with one all-reduce; then every group either steps or leaves
+parameters and optimizer state untouched, on all ranks alike, so no rank drifts from the others.
+The all-reduce runs on the process group's device (CUDA under NCCL), not on the partitions'
+(the CPU under ZeRO-Offload).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -82,42 +87,70 @@ class GuardedLambdaLR(torch.optim.lr_scheduler.LambdaLR):
 
 
 class GuardedAdamW(torch.optim.AdamW):
-    """AdamW whose step is skipped on every rank when any rank saw a non-finite loss or gradient."""
+    """AdamW whose step is skipped on every rank when any rank saw a non-finite loss or gradient.
+
+    A step starts at a call with every group, or with the first group (ZeRO's call for group 0), or
+    at the first call after `begin_step`: the decision is made there, with one all-reduce, and holds
+    for the step's later per-group calls."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.skip_requested = False  # set by the trainer for a non-finite loss, before the boundary step
-        self.skipped = False  # whether the last boundary step was skipped (set on its first group call)
+        self.skipped = False  # whether the last boundary step was skipped (decided on its first group call)
         self.bad_gradients = False
+        # where a wrapper (DeepSpeed's ZeRO or bf16 optimizer) steps the groups one at a time, its global
+        # gradient norm of the step (all groups, all ranks), read before the first group (build_engine)
+        self.global_grad_norm: Callable[[], object] | None = None
+        self._num_groups = len(self.param_groups)
+        self._first_key = _group_key(self.param_groups[0]) if self.param_groups else None
+        self._skip: bool | None = None  # the current step's decision
 
-    def _agree(self, bad: bool) -> bool:
-        flag = torch.tensor([1.0 if bad else 0.0])
+    def _decide(self) -> bool:
+        """Whether this step is skipped, the same on every rank: one all-reduce."""
+        norm = self.global_grad_norm() if self.global_grad_norm is not None else None
+        if norm is None:  # every group is in this call: their gradients' one fused norm
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else 0.0
+        # an fp32-overflowing norm counts as non-finite, as in DeepSpeed's own overflow check; DeepSpeed's
+        # group norms report a non-finite norm as -1
+        norm = float(norm)
+        bad_grad = not math.isfinite(norm) or norm < 0
+        flags = torch.tensor([float(bad_grad or self.skip_requested), float(bad_grad)])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = flag.to(_device_of(self))
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            flags = flags.to(comm_device())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        skip, bad = flags.tolist()
+        self.skipped, self.bad_gradients = bool(skip), bool(bad)
+        return self.skipped
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        # one fused norm instead of a check per tensor (an fp32-overflowing norm counts as non-finite,
-        # as in DeepSpeed's own overflow check)
-        bad_grad = bool(grads) and not math.isfinite(float(torch.nn.utils.get_total_norm(grads)))
-        if self._agree(bad_grad or self.skip_requested):
-            self.skipped = True
-            self.bad_gradients = self.bad_gradients or self._agree(bad_grad)
+        first = (self._skip is None or len(self.param_groups) == self._num_groups
+                 or _group_key(self.param_groups[0]) == self._first_key)
+        if first:
+            self._skip = self._decide()
+        if self._skip:
             return None
         return super().step(closure)
 
     def begin_step(self) -> None:
         """Called by the trainer before each optimizer step's micro-batches."""
         self.skip_requested = self.skipped = self.bad_gradients = False
+        self._skip = None
 
 
-def _device_of(opt: torch.optim.Optimizer) -> torch.device:
-    for g in opt.param_groups:
-        for p in g["params"]:
-            return p.device
+def _group_key(group: dict) -> object:
+    """A group's identity across ZeRO's per-group calls (it edits the dicts in place) and a
+    `load_state_dict` (which builds new dicts with the saved keys): its name and weight decay where
+    it has a name (DeepSpeed names both expert groups of an ep_size alike)."""
+    return (group["name"], group.get("weight_decay")) if group.get("name") else id(group)
+
+
+def comm_device() -> torch.device:
+    """Where a tensor for an all-reduce over the default process group must be: the current CUDA
+    device under NCCL (whatever device the optimizer's partitions are on), else the CPU."""
+    if "nccl" in str(dist.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 

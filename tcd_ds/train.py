@@ -49,7 +49,8 @@ from tcd_ds.dist import (Layout, check_expert_groups_local, close_ranks, detect_
                          init_distributed, one_rank_first)
 from tcd_ds.distill.objective import RelationObjective, check_compatible
 from tcd_ds.distill.taps import Taps, tap_points
-from tcd_ds.distill.teacher import FrozenTeacher, load_teacher, read_teacher_config, teacher_dir
+from tcd_ds.distill.teacher import (FrozenTeacher, check_teacher_positions, load_teacher, read_teacher_config,
+                                   teacher_dir)
 from tcd_ds.hardware import bf16_warning
 from tcd_ds.memory import format_plan, memory_plan
 from tcd_ds.model.bert import BertForMaskedLM, flops_per_token, num_parameters
@@ -105,6 +106,10 @@ def load_ds_config(path: str, cfg: Config, device: torch.device, ranks: int = 1)
     except json.JSONDecodeError as err:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
     stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage in (1, 2) and ds["zero_optimization"].get("compute_grad_norm") is False:
+        raise ConfigError(f"{path}: zero_optimization.compute_grad_norm=false: the trainer's skip guard needs ZeRO's "
+                          "global gradient norm to skip a step with a non-finite gradient in any parameter group; "
+                          "remove the key")
     uses_ds_moe = cfg.mode != "vanilla" and cfg.model.moe.backend == "deepspeed"
     if stage == 3 and uses_ds_moe:
         raise ConfigError(f"{path}: ZeRO stage 3 is not supported with DeepSpeed-MoE; use stage 1 or 2")
@@ -275,6 +280,7 @@ def resolve_run(cfg: Config, ds_path: str, resume: str, layout: Layout) -> Run:
     teacher = read_teacher_config(cfg.teacher.path) if cfg.mode == "tcd" else None
     deferred = vocab_falls_back(cfg.data.vocab)  # the trained/fallback vocab's size is known once built
     if teacher is not None:
+        check_teacher_positions(teacher, cfg.data.max_seq_len, cfg.teacher.path)
         student = cfg.student_model()
         check_compatible(dataclasses.replace(student, vocab_size=teacher.vocab_size) if deferred else student,
                          teacher, cfg.distill)
@@ -383,6 +389,11 @@ def build_engine(cfg: Config, model: BertForMaskedLM, ds_config: dict):
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
     skip_lone_allreduce(engine, ds_config)
+    wrapper = engine.optimizer
+    if wrapper is not optimizer and hasattr(wrapper, "_global_grad_norm"):
+        # ZeRO steps our optimizer one parameter group at a time; the skip guard decides for the whole
+        # step at the first group from the norm ZeRO (or the bf16 wrapper) took over every group and rank
+        optimizer.global_grad_norm = lambda: wrapper._global_grad_norm
     return engine, optimizer, scheduler
 
 
@@ -550,9 +561,12 @@ def make_eval_batch(data: Data, dataset: PackedDataset, indices, eval_seed: int,
 
 
 def all_mean(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
-    """Mean over ranks (for logging only)."""
+    """Mean over ranks (for logging only): one all-reduce and one device sync for all the values,
+    which may be numbers or 0-d tensors on any device."""
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if not keys:
+        return {}
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device).reshape(()) for k in keys])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
         t /= dist.get_world_size()
@@ -611,6 +625,23 @@ def tensorboard_tag(name: str) -> str:
     return f"relation/{name}" if "/" in name else f"train/{name}"
 
 
+def describe(name: str, log_every: int) -> str:
+    """The TensorBoard description of the logged value `name` (a key of `log_window`'s line)."""
+    window = f"the log window (train.log_every={log_every} steps, and the run's last step)"
+    if name == "lr":
+        return f"learning rate of the last step of {window}"
+    if name in ("tokens_per_second", "mfu"):
+        return f"over {window}, all ranks together"
+    if name == "tokens":
+        return "tokens trained on so far, all ranks together"
+    if name == "grad_norm":
+        return f"global gradient norm before clipping, mean over the applied (not skipped) steps of {window}"
+    if name.startswith("time_"):
+        return f"seconds per timed step in phase {name[5:]}, mean over {window} and over ranks"
+    return (f"mean over the applied (not skipped) steps of {window}, each the mean of its micro-batches, "
+            "then over ranks")
+
+
 def forward_loss(engine, batch: dict, taps: Taps | None, teacher: FrozenTeacher | None,
                  objective: RelationObjective | None, clock: PhaseClock | None = None):
     """One micro-batch forward: (loss, logged parts incl. every loss term, model output)."""
@@ -640,17 +671,31 @@ def forward_loss(engine, batch: dict, taps: Taps | None, teacher: FrozenTeacher 
 
 
 def nonfinite_terms(parts: dict, device: torch.device) -> list[str]:
-    """Labels of the loss terms that are non-finite on any rank (the same list on every rank)."""
-    flags = torch.tensor([0.0 if k not in parts or math.isfinite(float(parts[k])) else 1.0 for k in TERMS],
-                         device=device)
+    """Labels of the loss terms that are non-finite on any rank (the same list on every rank): one
+    all-reduce and one device sync for all the terms."""
+    values = torch.stack([torch.as_tensor(parts.get(k, 0.0), dtype=torch.float32, device=device).reshape(())
+                          for k in TERMS])
+    flags = (~torch.isfinite(values)).float()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return [term_label(k) for k, f in zip(TERMS, flags.tolist()) if f]
 
 
+def stack_parts(parts: dict, keys: tuple[str, ...], device: torch.device) -> torch.Tensor:
+    """The logged parts `keys` of one micro-batch as one float64 vector on the device (no sync)."""
+    return torch.stack([torch.as_tensor(parts[k], device=device).detach().to(torch.float64).reshape(())
+                        for k in keys])
+
+
 @dataclass
 class StepResult:
-    parts: dict[str, float]  # the loss terms' means over the micro-batches (empty for a skipped step)
+    """One step. Its logged values stay on the device, unsynchronised, until the log line (`LogWindow`):
+    `keys` name the entries of `values`, the step's means over its micro-batches of every part of
+    `forward_loss` (every loss term, also per layer) and its global gradient norm where the engine
+    has one. A skipped step has none (`values` None)."""
+
+    keys: tuple[str, ...]
+    values: torch.Tensor | None  # [len(keys)] float64 on the device
     tokens: int  # non-padding tokens this rank saw
     sample_sum: int  # a checksum of this rank's samples (a resumed run must match it)
     moe_stats: list
@@ -664,7 +709,7 @@ def train_step(t: Trainer, step: int) -> StepResult:
     `train.max_nonfinite_steps` skipped steps in a row stop the run."""
     cfg, run, engine, clock = t.cfg, t.run, t.engine, t.clock
     t.optimizer.begin_step()
-    sums, tokens, sample_sum, bad_terms, out = {}, 0, 0, [], None
+    keys, sums, tokens, sample_sum, bad_terms, out = (), None, 0, 0, [], None
     clock.begin(timed=step % cfg.train.log_every == 0 or step == cfg.train.max_steps)  # a logged step
     for micro in range(cfg.train.grad_accum):
         indices = t.data.order.batch_indices(step - 1, micro, run.layout.rank)
@@ -682,14 +727,16 @@ def train_step(t: Trainer, step: int) -> StepResult:
         clock.lap("backward")
         engine.step()  # the optimizer step at the accumulation boundary (DeepSpeed's ZeRO reduction with it)
         clock.lap("optimizer")
-        if not bad:
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / cfg.train.grad_accum
+        if not bad:  # the same keys in every micro-batch and step (set by the model and the objective)
+            keys = keys or tuple(sorted(parts))
+            part = stack_parts(parts, keys, run.device) / cfg.train.grad_accum
+            sums = part if sums is None else sums + part
         tokens += int(batch["attention_mask"].sum())
         sample_sum += int(indices.sum())
     # skipped by our guard, or by DeepSpeed's ZeRO optimizer itself (it drops a step whose global
     # gradient norm is not finite, and then does not advance the LR schedule)
-    if t.optimizer.skipped or getattr(engine.optimizer, "overflow", False):
+    skipped = t.optimizer.skipped or bool(getattr(engine.optimizer, "overflow", False))
+    if skipped:
         t.skipped_total, t.in_a_row = t.skipped_total + 1, t.in_a_row + 1
         what = ", ".join(bad_terms) or "gradients"
         t.monitor.message(f"step {step}: non-finite {what}: step skipped ({t.in_a_row} in a row)")
@@ -700,24 +747,51 @@ def train_step(t: Trainer, step: int) -> StepResult:
                                  f"complete checkpoint is under {run.ckpt_dir}")
     else:
         t.in_a_row = 0
-    return StepResult(sums, tokens, sample_sum, out.moe_stats, bad_terms)
+        norm = engine.get_global_grad_norm()  # a tensor on the device under ZeRO: no sync here
+        if norm is not None:
+            keys, sums = keys + ("grad_norm",), torch.cat([sums, torch.as_tensor(
+                norm, dtype=torch.float64, device=run.device).reshape(1)])
+    if skipped:
+        keys, sums = (), None
+    return StepResult(keys, sums, tokens, sample_sum, out.moe_stats, bad_terms)
 
 
 # --- logging, evaluation, saving --------------------------------------------------------------
 
 @dataclass
 class LogWindow:
-    """What the steps since the last log line add up to."""
+    """What the steps since the last log line add up to: their logged values summed on the device
+    (synchronised once, at the log line: `means`), over the steps applied (a skipped step has none)."""
 
     peak: float  # the matmul peak (FLOP/s; 0 on ranks other than 0 and when not measured)
     flops_per_token: float
     tokens: int = 0  # this rank's, since the last log line (the window's tok/s)
     uncounted: int = 0  # this rank's, not yet in Trainer.tokens (a checkpoint between log lines counts them)
     start: float = dataclasses.field(default_factory=time.perf_counter)
+    keys: tuple[str, ...] = ()
+    sums: torch.Tensor | None = None
+    steps: int = 0  # applied steps in `sums`
 
     def add(self, result: StepResult) -> None:
         self.tokens += result.tokens
         self.uncounted += result.tokens
+        if result.values is None:
+            return
+        if self.sums is not None and result.keys != self.keys:
+            raise RuntimeError(f"the logged terms changed within a log window: {self.keys} -> {result.keys}")
+        self.keys = result.keys
+        self.sums = result.values.clone() if self.sums is None else self.sums + result.values
+        self.steps += 1
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """Each logged value's mean over the window's applied steps (0-d tensors, not synchronised)."""
+        if self.sums is None:
+            return {}
+        mean = self.sums / self.steps
+        return {k: mean[i] for i, k in enumerate(self.keys)}
+
+    def restart(self) -> None:
+        self.tokens, self.start, self.keys, self.sums, self.steps = 0, time.perf_counter(), (), None, 0
 
 
 def count_tokens(t: Trainer, window: LogWindow) -> float:
@@ -732,25 +806,27 @@ def count_tokens(t: Trainer, window: LogWindow) -> float:
 
 
 def log_window(t: Trainer, window: LogWindow, step: int, result: StepResult) -> None:
-    """Every `train.log_every` steps (and the last): the window's means over ranks to TensorBoard,
-    the progress line and metrics.jsonl; the window restarts."""
+    """Every `train.log_every` steps (and the last): the window's means (over its applied steps, then
+    over ranks) to TensorBoard, the progress line and metrics.jsonl; the window restarts. The
+    learning rate and the expert load are the last step's (`result`); see `describe`."""
     world = t.run.layout.world_size
-    logged = all_mean(result.parts, t.run.device)
+    logged = all_mean(window.means(), t.run.device)  # the window's one sync of its loss terms
     elapsed = time.perf_counter() - window.start
     tps = count_tokens(t, window) / elapsed
-    logged.update({"lr": t.scheduler.get_last_lr()[0], "grad_norm": float(t.engine.get_global_grad_norm() or 0.0),
-                   "tokens_per_second": tps, "tokens": t.tokens})
+    logged.setdefault("grad_norm", 0.0)  # no applied step, or an engine without a global norm
+    logged.update({"lr": t.scheduler.get_last_lr()[0], "tokens_per_second": tps, "tokens": t.tokens})
     logged.update({f"time_{k}": v for k, v in all_mean(t.clock.take(), t.run.device).items()})
     if window.peak:
         logged["mfu"] = window.flops_per_token * tps / (window.peak * world)
-    t.monitor.scalars(step, {tensorboard_tag(k): v for k, v in logged.items()})
+    t.monitor.scalars(step, {tensorboard_tag(k): v for k, v in logged.items()},
+                      {tensorboard_tag(k): describe(k, t.cfg.train.log_every) for k in logged})
     log_expert_load(t.monitor, step, result.moe_stats)
     shown = {k: logged[k] for k in ("loss", *TERMS) if k in logged}
     t.monitor.progress(step, {**shown, "tok/s": tps})
     t.metrics.append("train", step, {"samples_rank0": result.sample_sum,
                                      **{k: v for k, v in logged.items() if "/" not in k}})
     t.last = logged
-    window.tokens, window.start = 0, time.perf_counter()
+    window.restart()
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client: dict, model_config: dict, cfg: Config,

@@ -338,3 +338,36 @@ def test_relation_heads_config_is_validated():
     with pytest.raises(ConfigError) as err:
         build_config("tiny", ["mode=moe", "distill.relation_heads=-1"])
     assert str(err.value) == "distill.relation_heads must be >= 0 (0 = per attention head), got -1"
+
+
+def test_the_trainers_step_gives_the_teacher_the_attention_mask():
+    """`forward_loss` (the trainer's micro-batch) on a padded batch equals the objective computed from
+    a separate student forward and a separate teacher call with the mask. Without the mask the padded
+    rows' teacher attends to padding and gives other relations, which every other test missed."""
+    from tcd_ds.train import forward_loss
+
+    torch.manual_seed(0)
+    student_cfg = ModelConfig(**SMALL, hidden_dropout=0.0, attention_dropout=0.0,
+                              moe=MoEConfig(num_experts=4, top_k=2))
+    student = BertForMaskedLM(student_cfg)
+    teacher_cfg = ModelConfig(**SMALL, hidden_dropout=0.0, attention_dropout=0.0)
+    distill = DistillConfig()
+    teacher = FrozenTeacher(BertModel(teacher_cfg), distill.positions, distill.include_embeddings, 3)
+    objective = RelationObjective(distill, 3, 3)
+    ids, mask = batch(1)
+    labels = torch.where((torch.arange(ids.shape[1]) % 3 == 0) & (mask == 1), ids, -100)
+    data = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels}
+    taps = Taps(tap_points(student, distill.positions, distill.include_embeddings))
+    try:
+        loss, parts, _ = forward_loss(student, data, taps, teacher, objective)
+        with taps:
+            out = student(ids, mask, data["token_type_ids"], labels=labels)
+        student_states = dict(taps.captured)
+    finally:
+        taps.remove()
+    rel, terms = objective(student_states, teacher(ids, mask, data["token_type_ids"]), mask)
+    unmasked, _ = objective(student_states, teacher(ids, None, data["token_type_ids"]), mask)
+    assert abs(unmasked.item() - rel.item()) > 1e-3 * rel.item()  # the mask matters for this batch
+    torch.testing.assert_close(loss.detach(), (out.loss + rel).detach(), rtol=1e-6, atol=0)
+    for key in ("T", "I", "A", "T/2", "A/1/q"):
+        torch.testing.assert_close(parts[f"L_{key}"], terms[key], rtol=1e-6, atol=0, msg=key)

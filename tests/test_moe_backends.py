@@ -447,6 +447,38 @@ def test_expert_init_is_the_same_in_every_backend():
     assert abs(w1.std().item() - 0.02) < 0.005 and not torch.equal(w1[0], w1[1])
 
 
+def test_a_seed_builds_the_same_model_in_every_backend():
+    """The same seed gives the same weights whichever backend builds the model: the non-expert ones
+    (embeddings, attention, the dense layers after an MoE layer) and the routers and experts. The
+    backends' constructors draw different amounts from the global RNG (they did shift every later
+    weight: step-0 loss 4.662 vs 4.674); `build_moe` runs them on a forked RNG."""
+    models, next_draw = {}, {}
+    for backend in ("torch", "grouped", "deepspeed"):
+        models[backend] = _init_model(backend, 1)
+        next_draw[backend] = torch.randint(0, 2 ** 30, ()).item()  # the RNG stream goes on alike (dropout)
+    ref = models["torch"]
+    for backend in ("grouped", "deepspeed"):
+        for k, v in _non_expert_state(ref).items():
+            assert torch.equal(_non_expert_state(models[backend])[k], v), (backend, k)
+        for a, b in zip(_moe_layers(ref), _moe_layers(models[backend])):
+            other = b.canonical_state_dict() if isinstance(b, DeepSpeedMoE) else _canonical(b)
+            for k, v in _canonical(a).items():
+                assert torch.equal(other[k], v), (backend, k)
+    assert len(set(next_draw.values())) == 1, next_draw
+
+
+def test_num_parameters_counts_the_global_model_under_expert_parallelism(monkeypatch):
+    """`ep_size` 2 holds half the experts on each rank; the model (summary.json's `parameters`) has all
+    of them, and its active count (top_k experts per token) does not depend on ep_size either."""
+    from tcd_ds.model.bert import num_parameters
+
+    monkeypatch.setattr(DeepSpeedMoE, "init_expert_offset", lambda self: 0)  # rank 0 of 2, in one process
+    full, half = _init_model("torch", 1), _init_model("deepspeed", 2)
+    assert len(_moe_layers(half)[0].local_experts) == E // 2
+    assert num_parameters(half) == num_parameters(full)
+    assert num_parameters(half, active=True) == num_parameters(full, active=True) < num_parameters(full)
+
+
 @pytest.mark.parametrize("backend", ["torch", "grouped", "deepspeed"])
 def test_moe_layer_is_initialised_by_its_constructor(backend, monkeypatch):
     """A layer built and used without `init_weights` never routes on uninitialised memory: with

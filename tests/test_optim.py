@@ -92,6 +92,44 @@ def test_every_backend_puts_the_same_parameters_in_the_same_group():
     assert d["bert.encoder.layer.0.attention.self.query.weight"] == 0.1
 
 
+# --------------------------------------------------------------------------- the LR schedule
+
+
+# (warmup_steps, total_steps, schedule, min_lr_ratio) -> the factor of steps 0, 1, 2, ... by hand
+SCHEDULES = {
+    (4, 10, "linear", 0.0): [1 / 4, 2 / 4, 3 / 4, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0, 0.0],
+    (3, 9, "linear", 0.0): [1 / 3, 2 / 3, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0],
+    (2, 6, "cosine", 0.0): [1 / 2, 1.0, 1.0, (1 + 2 ** -0.5) / 2, 1 / 2, (1 - 2 ** -0.5) / 2, 0.0, 0.0],
+    (2, 6, "linear", 0.1): [1 / 2, 1.0, 1.0, 0.1 + 0.9 * 3 / 4, 0.1 + 0.9 / 2, 0.1 + 0.9 / 4, 0.1, 0.1],
+    (0, 4, "linear", 0.0): [1.0, 3 / 4, 2 / 4, 1 / 4, 0.0],
+}
+
+
+@pytest.mark.parametrize("key", list(SCHEDULES), ids=lambda k: "-".join(map(str, k)))
+def test_the_lr_schedule_is_the_hand_computed_one(key):
+    """Step n (0-based, the LR of the n-th applied step) warms up linearly to 1 over `warmup_steps`
+    steps ((n + 1) / warmup, so step warmup - 1 is the first at the peak), then decays to min_lr_ratio
+    at total_steps; never above 1. Pinned to values worked out by hand, not to lr_lambda itself: a
+    warm-up one step too long (4/3 at its end) passed every test that compared with lr_lambda."""
+    from tcd_ds.config import TrainConfig
+    from tcd_ds.optim import GuardedLambdaLR, warmup_decay
+
+    warmup, total, schedule, floor = key
+    expected = SCHEDULES[key]
+    factors = [warmup_decay(warmup, total, schedule, floor)(n) for n in range(len(expected))]
+    assert factors == pytest.approx(expected, abs=1e-12)
+    assert max(warmup_decay(warmup, total, schedule, floor)(n) for n in range(3 * total)) <= 1.0
+    # the trainer's schedule object: LR of the first step, then after each applied step
+    t = TrainConfig(lr=2e-3, warmup_steps=warmup, max_steps=total, schedule=schedule, min_lr_ratio=floor)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.lr)
+    sched, lrs = GuardedLambdaLR(opt, lr_lambda(t)), []
+    for _ in expected:
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([t.lr * f for f in expected], rel=1e-12, abs=1e-18)
+
+
 # --------------------------------------------------------------------------- engines
 
 
@@ -286,3 +324,93 @@ def test_one_rank_without_zero_skips_the_allreduce_and_steps_the_same(world_of_o
     assert any("experts" in k for k in weights[True])
     _, engine, _, _ = _engine(tmp_path, overrides, stage=2)
     assert engine.enable_backward_allreduce is True
+
+
+# --------------------------------------------------------------------------- the skip guard under ZeRO
+
+
+class _CountingDist:
+    """`torch.distributed` as tcd_ds.optim sees it, counting its all-reduces and claiming 2 ranks (the
+    reduction itself runs on the real world of one)."""
+
+    ReduceOp = td.ReduceOp
+
+    def __init__(self):
+        self.reductions = 0
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def get_world_size(self, group=None) -> int:
+        return 2
+
+    def get_backend(self, group=None) -> str:
+        return td.get_backend()
+
+    def all_reduce(self, tensor, *args, **kwargs):
+        self.reductions += 1
+        return td.all_reduce(tensor, *args, **kwargs)
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["zero2", "zero2-offload"])
+def test_the_skip_guard_decides_once_per_step_for_every_group(world_of_one, tmp_path, monkeypatch, offload):
+    """ZeRO calls the optimizer once per parameter group (4 here: decay, no-decay, and the experts'
+    two). The guard makes one all-reduce a step (it made one per group), and a non-finite gradient in
+    the last group skips the whole step (the groups before it had stepped already). bf16 with
+    DeepSpeed's own gradient check off, so the guard is what meets the NaN; also with ZeRO-Offload
+    (fp32 partitions on the CPU)."""
+    from tcd_ds import optim
+
+    cfg = build_config("tiny", OVERRIDES + ["model.moe.backend=deepspeed"])
+    ds = json.loads((REPO / "ds_configs" / "cpu_zero2_bf16.json").read_text())
+    ds["bf16"]["check_grad_overflow"] = False  # DeepSpeed's own check (on by default) would skip it first
+    if offload:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        ds["zero_force_ds_cpu_optimizer"] = False  # ours is torch's AdamW
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    torch.manual_seed(0)
+    model = BertForMaskedLM(cfg.student_model())
+    expert_bias = model.bert.encoder.layer[0].moe.local_experts[0].fc1.bias  # in the last group
+    engine, optimizer, _ = trainer.build_engine(cfg, model, trainer.load_ds_config(
+        str(tmp_path / "ds.json"), cfg, torch.device("cpu")))
+    assert len(optimizer.param_groups) == 4 and getattr(engine.optimizer, "cpu_offload", False) == offload
+    counting = _CountingDist()
+    monkeypatch.setattr(optim, "dist", counting)
+    for i, poisoned in enumerate([False, True, False]):
+        batch = _batch(i)
+        before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+        optimizer.begin_step()
+        out = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], labels=batch["labels"])
+        loss = out.loss
+        if poisoned:
+            poison = expert_bias.sum() * 0.0
+            poison.register_hook(lambda g: g * float("nan"))
+            loss = loss + poison
+        reductions = counting.reductions
+        engine.backward(loss)
+        engine.step()
+        assert counting.reductions - reductions == 1, (i, counting.reductions - reductions)
+        assert not getattr(engine.optimizer, "overflow", False)  # not DeepSpeed's own check: the guard's
+        assert optimizer.skipped == optimizer.bad_gradients == poisoned, i
+        after = engine.module.state_dict()
+        changed = [k for k, v in before.items() if not torch.equal(after[k], v)]
+        assert (not changed) if poisoned else len(changed) > len(after) // 2, (i, changed[:5])
+
+
+def test_the_skip_guard_reduces_on_the_process_groups_device(monkeypatch, tmp_path):
+    """Under NCCL the flag goes to the current CUDA device whatever the partitions' device (the CPU
+    under ZeRO-Offload, which NCCL cannot reduce); and a ZeRO config without a global gradient norm,
+    which the guard decides from, is refused in one line."""
+    from tcd_ds import optim
+    from tcd_ds.config import ConfigError
+
+    monkeypatch.setattr(optim.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(optim.torch.cuda, "current_device", lambda: 3)
+    assert optim.comm_device() == torch.device("cuda", 3)
+    monkeypatch.undo()
+    cfg = build_config("tiny", OVERRIDES)
+    ds = json.loads((REPO / "ds_configs" / "cpu_zero2.json").read_text())
+    ds["zero_optimization"]["compute_grad_norm"] = False
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match="compute_grad_norm=false"):
+        trainer.load_ds_config(str(tmp_path / "ds.json"), cfg, torch.device("cpu"))

@@ -273,3 +273,117 @@ def test_phase_clock_times_only_the_logged_steps_where_a_lap_synchronizes(monkey
         cpu.begin(timed)
         cpu.lap("data")
     assert cpu.take()["data"] == 1.0 and cpu.steps == 0
+
+
+def test_a_teacher_shorter_than_the_sequences_is_refused_before_compute(monkeypatch, capsys, tmp_path):
+    """A teacher with max_position below data.max_seq_len used to be accepted and to fail in its
+    forward (IndexError on CPU; on GPU a device-side assert that takes NCCL down): one `error:` line
+    naming both values, before the run dir or any data is touched."""
+    from tcd_ds import train as tr
+
+    cfg = ModelConfig(vocab_size=30522, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256,
+                      max_position=32)
+    save_pretrained(BertForMaskedLM(cfg), cfg, tmp_path / "short")
+    monkeypatch.setattr(tr, "StopRequest", lambda: None)  # leave pytest's signal handlers alone
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        tr.main(["--config", "tiny", "--mode", "tcd", "--deepspeed_config", "ds_configs/cpu_zero2.json",
+                 f"teacher.path={tmp_path / 'short'}", "data.max_seq_len=64", f"run_dir={run}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert "max_position=32" in err[0] and "data.max_seq_len=64" in err[0], err
+    assert not run.exists()
+
+
+def _tiny_moe(shared_data: Path, cache: Path, run: Path, steps: int, *extra: str) -> list[str]:
+    """A few steps of a very small MoE model in this process (~1 s a run after the token cache)."""
+    return ["--config", "tiny", "--mode", "moe", "--deepspeed_config", "ds_configs/cpu_zero0.json",
+            *quick(shared_data, cache, run, steps, "data.eval_corpora=", "model.moe.num_experts=4",
+                   "data.max_seq_len=32", "train.micro_batch_size=4", "model.hidden_dropout=0",
+                   "model.attention_dropout=0", *extra)]
+
+
+def test_a_log_line_holds_its_windows_means(shared_data, cache, tmp_path, monkeypatch):
+    """log_window logs each value's mean over the window's steps (it logged the last step's), so do
+    TensorBoard (with the tag's description saying so), metrics.jsonl and summary.json's final_*."""
+    from tcd_ds import train as tr
+
+    from trainer_utils import train_in_process
+
+    seen, real = [], tr.forward_loss
+    def forward_loss(*args, **kwargs):  # one micro-batch a step: each step's own values
+        loss, parts, out = real(*args, **kwargs)
+        seen.append({k: float(parts[k]) for k in ("loss", "mlm", "aux", "balance")})
+        return loss, parts, out
+
+    monkeypatch.setattr(tr, "forward_loss", forward_loss)
+    run = tmp_path / "run"
+    summary = train_in_process(_tiny_moe(shared_data, cache, run, 5, "train.log_every=3",
+                                         "train.lr=3e-3", "train.warmup_steps=1"), monkeypatch)
+    assert len(seen) == 5
+    window = {1: seen[0:3], 2: seen[3:5]}  # steps 1-3 (logged at 3) and 4-5 (the last step)
+    history = summary["history"]
+    assert [h["step"] for h in history] == [3, 5]
+    for h, steps in zip(history, window.values()):
+        for k in ("loss", "mlm", "aux", "balance"):
+            mean = sum(s[k] for s in steps) / len(steps)
+            assert h[k] == pytest.approx(mean, rel=1e-6, abs=1e-9), (h["step"], k)
+    assert abs(seen[2]["mlm"] - history[0]["mlm"]) > 1e-4  # the last step alone is not the mean
+    assert summary["final_mlm_loss"] == history[-1]["mlm"] and summary["final_loss"] == history[-1]["loss"]
+    assert summary["final_aux_loss"] == history[-1]["aux"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("train/mlm")] == pytest.approx([h["mlm"] for h in history], rel=1e-6)
+    assert "mean over the applied (not skipped) steps" in acc.SummaryMetadata("train/mlm").summary_description
+    assert "last step" in acc.SummaryMetadata("train/lr").summary_description
+
+
+def test_an_in_process_resume_restores_the_schedule_rng_and_data_position(shared_data, cache, tmp_path,
+                                                                          monkeypatch):
+    """A run resumed from its step-2 checkpoint continues as the uninterrupted run: right after the
+    resume the LR schedule stands at step 2 and the RNG is the checkpoint's, and steps 3-4 see the same
+    samples (data position), the same LR and, with dropout on (the RNG), the same losses. In this
+    process, in seconds (a resume that forgot the scheduler was caught only by a slow 2-rank test)."""
+    import shutil
+
+    import torch
+
+    from tcd_ds import train as tr
+    from tcd_ds.checkpoint import safe_load
+    from tcd_ds.optim import lr_lambda
+
+    from trainer_utils import train_in_process
+
+    def args(run: Path) -> list[str]:
+        return _tiny_moe(shared_data, cache, run, 4, "train.save_every=2", "train.keep_checkpoints=3",
+                         "model.hidden_dropout=0.1", "train.warmup_steps=3")
+
+    straight = train_in_process(args(tmp_path / "straight"), monkeypatch)
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step_00000002",
+                    resumed_dir / "checkpoints" / "step_00000002")
+    seen, real = {}, tr.resume
+
+    def resume(t):
+        real(t)
+        seen.update(step=t.step, last_epoch=t.scheduler.last_epoch, lr=t.scheduler.get_last_lr()[0],
+                    rng=torch.get_rng_state(), train=t.cfg.train)
+
+    monkeypatch.setattr(tr, "resume", resume)
+    resumed = train_in_process(args(resumed_dir), monkeypatch)
+    saved = safe_load(resumed_dir / "checkpoints" / "step_00000002" / "rng_rank00000.pt")
+    assert seen["step"] == 2 and seen["last_epoch"] == 2
+    assert seen["lr"] == pytest.approx(seen["train"].lr * lr_lambda(seen["train"])(2), rel=1e-12)
+    assert torch.equal(seen["rng"], saved["torch"])
+    a = {h["step"]: h for h in straight["history"]}
+    b = {h["step"]: h for h in resumed["history"]}
+    assert sorted(b) == [3, 4]  # this process's log lines: the steps after the checkpoint
+    for step in (3, 4):
+        assert b[step]["samples_rank0"] == a[step]["samples_rank0"], step  # the data position
+        assert b[step]["lr"] == a[step]["lr"], step
+        for key in ("loss", "mlm", "aux"):
+            assert abs(b[step][key] - a[step][key]) <= 1e-6, (step, key, a[step][key], b[step][key])
+    assert resumed["tokens"] == straight["tokens"] and resumed["steps"] == 4

@@ -105,3 +105,30 @@ def kill_group(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+# --- the trainer in this process ---------------------------------------------------------------
+
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class NoSignals:
+    """Stands in for the trainer's StopRequest: no handlers installed in the test process, no stop."""
+
+    signal = None
+
+    def agreed(self, device) -> bool:
+        return False
+
+
+def train_in_process(args: list[str], monkeypatch) -> dict:
+    """`tcd_ds.train.main(args)` in this process, one rank (a gloo world of one, closed at the end
+    by main), as `python -m tcd_ds.train` would run it; returns the summary. Each call starts from a
+    launcher-free environment (main exports the layout's variables; monkeypatch restores them)."""
+    from tcd_ds import train as tr
+
+    for key in LAUNCH_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(tr, "StopRequest", NoSignals)
+    monkeypatch.setattr(tr, "measure_matmul_peak", lambda *a, **k: 1e12)  # half a second per run saved
+    return tr.main(args)

@@ -56,6 +56,17 @@ def read_teacher_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {err}") from None
 
 
+def check_teacher_positions(teacher: ModelConfig, max_seq_len: int, path: str | Path) -> None:
+    """Refuse, before any compute, a teacher whose position table is shorter than the training
+    sequences: its forward would index past it (an IndexError on CPU, a device-side assert on GPU
+    that takes the whole process group down)."""
+    if teacher.max_position < max_seq_len:
+        raise CheckpointError(f"the teacher at {path} has max_position={teacher.max_position}, below "
+                              f"data.max_seq_len={max_seq_len}: it cannot read sequences that long; set "
+                              f"data.max_seq_len<={teacher.max_position} or use a teacher with "
+                              f"max_position>={max_seq_len}")
+
+
 class FrozenTeacher(nn.Module):
     """An encoder-only BERT with taps; `forward` returns the captured positions, no grads."""
 

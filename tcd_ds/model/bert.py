@@ -342,8 +342,12 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
 
 
 def num_parameters(model: nn.Module, active: bool = False) -> int:
-    """Parameters in the model; `active=True` counts each MoE layer's experts as top_k experts."""
-    return sum(round(p.numel() * (getattr(p, "active_fraction", 1.0) if active else 1.0)) for p in model.parameters())
+    """Parameters in the global model, whatever `ep_size` (an expert-parallel rank's experts are 1 /
+    `expert_shards` of its layer's); `active=True` counts each MoE layer's experts as top_k experts."""
+    def count(p: torch.Tensor) -> float:
+        return p.numel() * (getattr(p, "active_fraction", 1.0) if active else getattr(p, "expert_shards", 1))
+
+    return sum(round(count(p)) for p in model.parameters())
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, masked_fraction: float | None = 0.15) -> float:

@@ -50,7 +50,18 @@ class MoELayer(nn.Module):
 
 
 def build_moe(cfg: ModelConfig) -> nn.Module:
-    """The MoE FFN for `cfg.moe.backend`."""
+    """The MoE FFN for `cfg.moe.backend`, built without touching the global RNG.
+
+    The backends' constructors draw different amounts from it (our router and expert bank, DeepSpeed's
+    `nn.Linear`s, MegaBlocks' own init), and every later draw (`init_weights` of the layers that
+    follow, this layer's own `reset_expert_parameters`) would shift with them: the same seed would
+    build different non-expert weights under each backend. The constructor's values are only a finite
+    start (`init_weights` redraws them all), so it runs on a forked RNG that is put back afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        return _build_moe(cfg)
+
+
+def _build_moe(cfg: ModelConfig) -> nn.Module:
     backend = cfg.moe.backend
     if backend in ("torch", "grouped"):
         cls = Experts if backend == "torch" else GroupedExperts

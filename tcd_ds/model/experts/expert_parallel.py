@@ -23,7 +23,8 @@ does, checked against deepspeed 0.19.8 (`deepspeed/moe/sharded_moe.py`), and how
 - experts: `ep_size` ranks share the E experts; expert-parallel rank r holds experts
   `[r * E_local, (r + 1) * E_local)` (`local_expert_offset`) and tokens travel there by all-to-all.
   DeepSpeed tags their parameters `allreduce=False`, `group_name="ep_size_<ep>"` itself; we add
-  `active_fraction = top_k / E_local` like `tag_expert_params`. The gate is replicated (not tagged).
+  `active_fraction = top_k / E_local` like `tag_expert_params`, and `expert_shards = ep_size` (the
+  global model holds ep_size times this rank's experts: `num_parameters`). The gate is replicated (not tagged).
 - process groups: DeepSpeed's layer needs `deepspeed.comm` and its expert groups. Inside
   `deepspeed.initialize` the engine creates them (`module.set_deepspeed_parallelism()`); elsewhere
   (tests, one process) call `ensure_expert_groups(ep_size)` after `torch.distributed.init_process_group`.
@@ -110,6 +111,7 @@ class DeepSpeedMoE(nn.Module):
                         use_rts=False, top2_2nd_expert_sampling=False)
         for p in self.local_experts.parameters():  # DeepSpeed already set allreduce=False and group_name
             p.active_fraction = moe.top_k / self.num_local_experts
+            p.expert_shards = moe.ep_size  # this rank holds 1 / ep_size of the layer's experts (num_parameters)
 
     @property
     def gate(self) -> nn.Linear:
