@@ -168,3 +168,16 @@ if __name__ == "__main__":
     g = import_graph()
     for c in cycles(g):
         print(describe(g, c), end="\n\n")
+
+
+def test_every_package_directory_is_a_regular_package():
+    """Every folder of modules under tcd_ds/ has an __init__.py (tcd_ds/model/ had none: a namespace
+    package by accident, which a wheel's package discovery can leave out)."""
+    folders = {p.parent for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
+    assert sorted(str(f.relative_to(PACKAGE)) for f in folders if not (f / "__init__.py").is_file()) == []
+
+
+def test_no_stray_binaries_at_the_repo_root():
+    """Nothing the package does not use lies at the root (a pyflakes wheel did, committed by accident)."""
+    root = PACKAGE.parent
+    assert not [p.name for p in root.iterdir() if p.suffix in (".whl", ".egg", ".zip", ".tar", ".gz")]
