@@ -412,23 +412,32 @@ def init_distributed(layout: Layout, timeout_s: float = 600.0) -> torch.device:
     backend = "nccl" if device.type == "cuda" else "gloo"
     local = local_deepspeed_launch() if layout.launcher == "deepspeed/torchrun" and layout.world_size > 1 else None
     store, port = (None, layout.master_port) if local is None else _local_store(layout, *local, timeout)
-    # MASTER_PORT also names DeepSpeed's shared-memory segments: the port in use, never the default
-    os.environ.update(RANK=str(layout.rank), WORLD_SIZE=str(layout.world_size), LOCAL_RANK=str(layout.local_rank),
-                      MASTER_ADDR=layout.master_addr, MASTER_PORT=str(port))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     announce_comm_op_build(layout)
-    try:
-        if store is not None:
-            torch.distributed.init_process_group(backend, store=store, rank=layout.rank,
-                                                 world_size=layout.world_size, timeout=timeout)
-        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
-    except torch.distributed.DistNetworkError as err:
-        if "EADDRINUSE" not in str(err):
-            raise
-        how = ("TCD_MASTER_PORT=<free port> (slurm/launch.sh) or MASTER_PORT" if layout.launcher == "slurm"
-               else "deepspeed --master_port <free port> (torchrun: --master_port)")
-        raise port_clash(port, how) from None
+    # a lone process's port is its own choice: one taken since it was picked (another job's process
+    # got it meanwhile) is replaced by a fresh one, a few times, instead of failing the run
+    tries = 5 if layout.launcher == "single" else 1
+    for attempt in range(tries):
+        if attempt:
+            port = free_port()
+        # MASTER_PORT also names DeepSpeed's shared-memory segments: the port in use, never the default
+        os.environ.update(RANK=str(layout.rank), WORLD_SIZE=str(layout.world_size), LOCAL_RANK=str(layout.local_rank),
+                          MASTER_ADDR=layout.master_addr, MASTER_PORT=str(port))
+        try:
+            if store is not None:
+                torch.distributed.init_process_group(backend, store=store, rank=layout.rank,
+                                                     world_size=layout.world_size, timeout=timeout)
+            deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+            break
+        except torch.distributed.DistNetworkError as err:
+            if "EADDRINUSE" not in str(err):
+                raise
+            if attempt + 1 < tries:
+                continue
+            how = ("TCD_MASTER_PORT=<free port> (slurm/launch.sh) or MASTER_PORT" if layout.launcher == "slurm"
+                   else "deepspeed --master_port <free port> (torchrun: --master_port)")
+            raise port_clash(port, how) from None
     if device.type == "cpu":  # the shm comm op is the CPU accelerator's alone
         unlink_comm_segment(layout, port)
     if layout.local_rank == 0 and (note := leftover_comm_segments_note(comm_segment_prefix(layout.master_addr, port))):

@@ -183,3 +183,28 @@ def test_expert_groups_that_span_nodes_are_found():
     assert expert_groups_across_nodes(cyclic, 1) == []
     with pytest.raises(ValueError):
         expert_groups_across_nodes(block, 3)
+
+
+@pytest.mark.multiproc
+def test_a_lone_process_takes_another_port_when_its_own_was_taken(monkeypatch):
+    """A single-process run picks its rendezvous port at start; another job can take it before the
+    process group starts (seen: two premise trainers started side by side, one exited 2 'port
+    already in use'). A lone process now takes a fresh port instead; launched ranks still refuse."""
+    import torch.distributed as tdist
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "0")  # restored after the test: init_distributed writes them
+    taken = hold(0)
+    port = taken.getsockname()[1]
+    try:
+        layout = dist.Layout(0, 1, 0, "127.0.0.1", port, "single")
+        dist.init_distributed(layout, timeout_s=30)
+        assert os.environ["MASTER_PORT"] != str(port) and tdist.is_initialized()
+        tdist.destroy_process_group()
+        with pytest.raises(SystemExit) as err:
+            dist.init_distributed(dist.Layout(0, 1, 0, "127.0.0.1", port, "deepspeed/torchrun"), timeout_s=30)
+        assert err.value.code == 2
+    finally:
+        taken.close()
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
