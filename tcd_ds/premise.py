@@ -404,6 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out or rc["out"] or f"runs/premise/{name}")
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m tcd_ds.premise " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command.replace(str(Path.home()), "~")  # the report names no machine's home
     if not args.report_only:
         rc["ds_config"], _ = resolve_ds_config(rc["ds_config"], out, rc["ranks"])
         p = pipeline(rc, out, name)

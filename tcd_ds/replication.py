@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out or rc["out"] or f"runs/replication/{name}")
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m tcd_ds.replication " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command.replace(str(Path.home()), "~")  # the report names no machine's home
     if not args.report_only:
         try:
             for seed in seeds:

@@ -170,13 +170,15 @@ def test_trainer_one_rank_rows(quick):
 
     sec = quick[0]["sections"]["trainer"]
     rows = sec["one_rank_rows"]
-    assert [r["variant"] for r in rows] == [x[0] for x in trainer.ONE_RANK_RUNS]
+    assert [r["variant"] for r in rows] == [x[0] for x in trainer.ONE_RANK_RUNS] + [trainer.ONE_RANK_BEFORE[0]]
     assert sec["memory_bandwidth_gbs_1_thread"] > 0
     for r in rows:
         assert r["tokens_per_second"] > 0 and r["phases_s"]["student"] > 0 and r["phases_s"]["optimizer"] > 0, r
         assert (r["phases_s"]["teacher"] > 0) == (r["mode"] == "tcd"), r
-        want = hardware.cpu_ds_config(moe=r["mode"] != "vanilla", ranks=1)
+        want = (hardware.cpu_ds_config(moe=False, ranks=2) if r["variant"] == trainer.ONE_RANK_BEFORE[0]
+                else hardware.cpu_ds_config(moe=r["mode"] != "vanilla", ranks=1))
         assert r["ds_config"] == want.rsplit("/", 1)[1], r
+    assert any(n.startswith("1 rank, before and after") for n in sec["notes"])
 
 
 def test_one_rank_targets_are_the_ratios_of_one_run():
