@@ -28,7 +28,14 @@
 #                                  when unlimited or unknown
 #   tcd_write_hostfile PATH [SLOTS]  DeepSpeed hostfile "<node> slots=N" per node of the allocation;
 #                                  SLOTS defaults to SLURM_NTASKS_PER_NODE, else 1
-#   tcd_export_dist_env            in the batch shell: export MASTER_ADDR, MASTER_PORT, WORLD_SIZE
+#   tcd_iface ADDR                 the network interface this host reaches ADDR through: the one that
+#                                  holds it, else the one of its route (`ip route get`)
+#   tcd_export_dist_env            in the batch shell: export MASTER_ADDR, MASTER_PORT, WORLD_SIZE,
+#                                  and NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME (each unless set) =
+#                                  tcd_iface MASTER_ADDR: gloo (CPU runs, and the start-up barriers
+#                                  on GPU runs) otherwise binds to what the host name resolves to,
+#                                  often 127.0.1.1, and hangs. Assumes the nodes name that interface
+#                                  alike (eth0, ib0, ...); set both yourself where they do not.
 #   tcd_rank_env                   inside a task (srun ... bash -c '...'): export RANK, LOCAL_RANK,
 #                                  WORLD_SIZE, NODE_RANK from SLURM_PROCID/LOCALID/NTASKS/NODEID
 #   tcd_srun_requeueable [--run-dir DIR] CMD...
@@ -142,9 +149,27 @@ tcd_write_hostfile() {
     for h in $(tcd_hosts); do printf '%s slots=%s\n' "$h" "$slots" >> "$path"; done
 }
 
+tcd_iface() {
+    local addr="${1:?tcd_iface ADDR}" dev
+    [[ "$addr" =~ ^[0-9]+(\.[0-9]+){3}$ ]] || addr=$(getent ahostsv4 "$addr" 2>/dev/null | awk 'NR==1{print $1}')
+    [ -n "$addr" ] || return 1
+    # the interface holding the address (on the master's node a route to it goes through lo)
+    dev=$(ip -4 -o addr show 2>/dev/null | awk -v a="$addr" '{split($4, p, "/"); if (p[1] == a) {print $2; exit}}')
+    [ -n "$dev" ] || dev=$(ip -4 -o route get "$addr" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p' | head -n1)
+    [ -n "$dev" ] && printf '%s\n' "$dev"
+}
+
 tcd_export_dist_env() {
+    local dev
     MASTER_ADDR=$(tcd_master_addr) && MASTER_PORT=$(tcd_master_port) || return 1
     export MASTER_ADDR MASTER_PORT WORLD_SIZE="${SLURM_NTASKS:-1}"
+    if [ -z "${NCCL_SOCKET_IFNAME:-}" ] || [ -z "${GLOO_SOCKET_IFNAME:-}" ]; then
+        if dev=$(tcd_iface "$MASTER_ADDR"); then
+            export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-$dev}" GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$dev}"
+        else
+            echo "tcd: no network interface found for ${MASTER_ADDR}: NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME left unset" >&2
+        fi
+    fi
 }
 
 tcd_rank_env() {
@@ -269,7 +294,8 @@ tcd_srun_requeueable() {
 #   from SLURM_PROCID/LOCALID/NTASKS, no ssh) or deepspeed (a hostfile from the allocation and
 #   `deepspeed --launcher slurm`, which also starts the ranks with srun); TCD_PYTHON;
 #   TCD_REQUEUE_MARGIN, TCD_MAX_REQUEUES (see tcd_srun_requeueable). Each rank gets SLURM_CPUS_PER_TASK CPUs and as
-#   many OpenMP threads (OMP_NUM_THREADS, unless set).
+#   many OpenMP threads (OMP_NUM_THREADS, unless set). `srun --label`: every line of a rank's output
+#   starts with its rank ("1: "). NCCL_DEBUG=WARN and PYTHONFAULTHANDLER=1 unless set.
 tcd_train() {
     local recipe="${TCD_RECIPE:-${1:?tcd_train RECIPE MODE}}" mode="${TCD_MODE:-${2:?tcd_train RECIPE MODE}}"
     shift 2
@@ -284,6 +310,8 @@ tcd_train() {
     mkdir -p "$run_dir"
     tcd_export_dist_env || return 1
     tcd_cpus_env
+    # NCCL's warnings, and every rank's Python stack on a crash or `kill -ABRT` (both unless set)
+    export NCCL_DEBUG="${NCCL_DEBUG:-WARN}" PYTHONFAULTHANDLER="${PYTHONFAULTHANDLER:-1}"
     echo "tcd: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}): ${recipe}/${mode} on ${SLURM_NTASKS} ranks" \
          "(${SLURM_JOB_NODELIST}), master ${MASTER_ADDR}:${MASTER_PORT}, ${SRUN_CPUS_PER_TASK} CPUs per rank;" \
          "watch: tensorboard --logdir ${run_dir}/tensorboard" >&2
@@ -294,10 +322,10 @@ tcd_train() {
         # DeepSpeed's own `srun` line: one crashed rank ends the step (no hang until the collective
         # timeout), and every rank gets its cores
         tcd_srun_requeueable --run-dir "$run_dir" deepspeed --hostfile "$run_dir/hostfile" --launcher slurm --no_ssh_check \
-            --launcher_args "--kill-on-bad-exit=1 --cpus-per-task=${SRUN_CPUS_PER_TASK}" \
+            --launcher_args "--kill-on-bad-exit=1 --label --cpus-per-task=${SRUN_CPUS_PER_TASK}" \
             --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" tcd_ds/train.py "${args[@]}"
     else
-        tcd_srun_requeueable --run-dir "$run_dir" srun --kill-on-bad-exit=1 --cpus-per-task="${SRUN_CPUS_PER_TASK}" bash -c \
+        tcd_srun_requeueable --run-dir "$run_dir" srun --kill-on-bad-exit=1 --label --cpus-per-task="${SRUN_CPUS_PER_TASK}" bash -c \
             'source slurm/launch.sh && tcd_rank_env && exec "$0" -u tcd_ds/train.py "$@"' "$python" "${args[@]}"
     fi
 }

@@ -129,9 +129,49 @@ def test_tcd_train_gives_every_rank_its_cpus(slurm_cluster: SlurmCluster, tmp_pa
     info = c.wait(jid, timeout=60)
     out = (tmp_path / "out.txt").read_text()
     assert info["JobState"] == "COMPLETED", (info, out)
-    ranks = sorted(line for line in out.splitlines() if line.startswith("rank="))
-    assert ranks == [f"rank={r} cpus=2 omp=2 Cpus_allowed_list:0-1 script=tcd_ds/train.py" for r in (0, 1)], out
+    ranks = sorted(line for line in out.splitlines() if "rank=" in line)
+    assert ranks == [f"{r}: rank={r} cpus=2 omp=2 Cpus_allowed_list:0-1 script=tcd_ds/train.py" for r in (0, 1)], out
     assert info["OverSubscribe"] == "NO" and info["MinMemoryNode"] == "0", info  # --exclusive --mem=0
+
+
+def _iface_holding(addr: str) -> str:
+    for line in subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout.splitlines():
+        fields = line.split()
+        if fields[3].split("/")[0] == addr:
+            return fields[1]
+    raise AssertionError(f"no interface holds {addr}")
+
+
+def test_tcd_train_labels_rank_lines_and_exports_network_and_debug_env(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """Every line of a rank starts with its rank (`srun --label`); the ranks get NCCL_DEBUG=WARN,
+    PYTHONFAULTHANDLER=1 and NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME = the interface that holds
+    MASTER_ADDR (this host's real address: the nodes' NodeAddr is loopback), each unless the user set
+    it. TCD_PYTHON: a stand-in that reports, not the trainer."""
+    c = slurm_cluster
+    fake = _script(tmp_path / "python", 'echo "rank=$RANK master=$MASTER_ADDR nccl=${NCCL_SOCKET_IFNAME:-unset} '
+                   'gloo=${GLOO_SOCKET_IFNAME:-unset} debug=${NCCL_DEBUG:-unset} '
+                   'faulthandler=${PYTHONFAULTHANDLER:-unset}"\n')
+    fake.chmod(0o755)
+    env = {**JOB_ENV, "TCD_PYTHON": str(fake), "TCD_TEACHER": str(tmp_path), "TCD_RUN_DIR": str(tmp_path / "run"),
+           "NCCL_DEBUG": "", "PYTHONFAULTHANDLER": "", "NCCL_SOCKET_IFNAME": "", "GLOO_SOCKET_IFNAME": ""}
+    mine = {"NCCL_DEBUG": "INFO", "PYTHONFAULTHANDLER": "0", "NCCL_SOCKET_IFNAME": "=lo", "GLOO_SOCKET_IFNAME": "lo"}
+    outs = {}
+    for name, extra in (("default", {}), ("mine", mine)):
+        jid = c.sbatch(REPO / "slurm" / "tcd_large.sh", "-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0",
+                       "--cpus-per-task=2", "--time=30", "-o", str(tmp_path / f"{name}.txt"), cwd=REPO,
+                       env={**env, **extra})
+        info = c.wait(jid, timeout=60)
+        outs[name] = (tmp_path / f"{name}.txt").read_text()
+        assert info["JobState"] == "COMPLETED", (info, outs[name])
+    lines = sorted(line for line in outs["default"].splitlines() if "rank=" in line)
+    master = lines[0].split("master=")[1].split()[0]
+    dev = _iface_holding(master)
+    assert dev != "lo", (master, dev)
+    assert lines == [f"{r}: rank={r} master={master} nccl={dev} gloo={dev} debug=WARN faulthandler=1"
+                     for r in (0, 1)], outs["default"]
+    lines = sorted(line for line in outs["mine"].splitlines() if "rank=" in line)
+    assert lines == [f"{r}: rank={r} master={master} nccl==lo gloo=lo debug=INFO faulthandler=0"
+                     for r in (0, 1)], outs["mine"]
 
 
 def test_glue_sweep_gives_its_task_its_cpus(slurm_cluster: SlurmCluster, tmp_path: Path):
