@@ -275,8 +275,8 @@ tcd_srun_requeueable() {
         if [ "$now" -gt "$start" ]; then count=0; else count=$(( count + 1 )); fi
         echo "${job} ${count}" > "$state"
     fi
-    echo "tcd: requeueing job ${job} (restart count now ${SLURM_RESTART_COUNT:-0}; status ${rc}," \
-         "newest complete checkpoint: step ${now})" >&2
+    local newest="${run_dir:+, newest complete checkpoint: step ${now}}"
+    echo "tcd: requeueing job ${job} (restart count now ${SLURM_RESTART_COUNT:-0}; status ${rc}${newest})" >&2
     if ! scontrol requeue "$job"; then
         echo "error: scontrol requeue ${job} failed (job not requeueable? submit with --requeue)" >&2
         return 1

@@ -189,6 +189,37 @@ def test_glue_sweep_gives_its_task_its_cpus(slurm_cluster: SlurmCluster, tmp_pat
     assert "cpus=2 omp=2 -m tcd_ds.finetune" in out, out
 
 
+def test_glue_sweep_is_signalled_before_its_time_limit_and_requeued(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """slurm/glue_sweep.sh asks for --signal=B:USR1@300: with --time=5 the signal comes within
+    slurmctld's ~30 s check; the sweep (a stand-in that, like tcd_ds.finetune, saves and exits 85 on
+    USR1) is requeued and its rerun goes on, instead of the task running into its limit (TIMEOUT)."""
+    c = slurm_cluster
+    fake = _script(tmp_path / "python", r"""
+if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then
+  trap 'echo "sweep: USR1, saved, exit 85"; exit 85' USR1
+  echo ready > "$OUTDIR/ready"
+  for i in $(seq 900); do sleep 0.1; done
+  exit 3
+fi
+echo "sweep: rerun ${SLURM_RESTART_COUNT} of $3 --task $7"
+""")
+    fake.chmod(0o755)
+    env = {**JOB_ENV, "TCD_PYTHON": str(fake), "TCD_MODEL": str(tmp_path), "TCD_GLUE_DIR": str(tmp_path),
+           "TCD_OUT": str(tmp_path / "glue"), "OUTDIR": str(tmp_path)}
+    jid = c.sbatch(REPO / "slurm" / "glue_sweep.sh", "--array=2", "--gpus-per-node=0", "--cpus-per-task=1",
+                   "--time=5", "-o", str(tmp_path / "out.txt"), cwd=REPO, env=env)
+    _wait_files(tmp_path, "ready", 1)
+    info = c.wait(jid, states=("PENDING",) + sc.TERMINAL_STATES, timeout=90)
+    out = (tmp_path / "out.txt").read_text()
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, out)
+    assert "sweep: USR1, saved, exit 85" in out and f"tcd: requeueing job {jid} (restart count now 0; status 85)" in out, out
+    c.release_begin_time(jid)
+    info = c.wait(jid, timeout=60)
+    out = (tmp_path / "out.txt").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, out)
+    assert "sweep: rerun 1 of tcd_ds.finetune --task MRPC" in out, out
+
+
 # Two ranks that have saved one complete checkpoint; on USR1 each starts a save that outlasts the
 # job's time limit. The batch shell must requeue before the limit anyway (a job that reaches its
 # limit ends TIMEOUT and is never requeued); the rerun resumes from the last complete checkpoint.
