@@ -254,8 +254,13 @@ tcd_srun_requeueable() {
     fi
     [ -z "$run_dir" ] || now=$(_tcd_newest_step "$run_dir")
     if [ "$overdue" = 1 ] && [ "$now" -le "$start" ]; then
-        echo "error: not requeueing job ${job}: its ranks did not return before the requeue margin and saved no" \
-             "checkpoint newer than step ${start} (a hang? see the lines above; resubmit with the same run dir)" >&2
+        if [ -n "$run_dir" ]; then
+            echo "error: not requeueing job ${job}: its ranks did not return before the requeue margin and saved" \
+                 "no checkpoint newer than step ${start} (a hang? see the lines above; resubmit with the same run dir)" >&2
+        else
+            echo "error: not requeueing job ${job}: its tasks did not return before the requeue margin" \
+                 "(a hang? see the lines above)" >&2
+        fi
         return "$rc"
     fi
     # requeues in a row without a new complete checkpoint, kept across requeues (same job id) in
@@ -266,7 +271,10 @@ tcd_srun_requeueable() {
         read -r sjob count 2>/dev/null < "$state" || count=0
         [ "${sjob:-}" = "$job" ] && [[ "$count" =~ ^[0-9]+$ ]] || count=0
     fi
-    if { [ -z "$run_dir" ] || [ "$now" -le "$start" ]; } && [ "$count" -ge "$max" ]; then
+    if [ -z "$run_dir" ] && [ "$count" -ge "$max" ]; then
+        echo "error: not requeueing job ${job}: requeued ${count} times already (TCD_MAX_REQUEUES=${max})" >&2
+        return "$rc"
+    elif [ -n "$run_dir" ] && [ "$now" -le "$start" ] && [ "$count" -ge "$max" ]; then
         echo "error: not requeueing job ${job}: ${count} requeues in a row without a new complete checkpoint" \
              "(newest: step ${now}; TCD_MAX_REQUEUES=${max})" >&2
         return "$rc"

@@ -446,7 +446,7 @@ def _load_state(path: Path, identity: dict[str, Any], tag: str) -> dict[str, Any
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # read as needed
     except Exception as err:  # a torn or foreign file: the run starts over
         print(f"[{tag}] warning: {path} not readable ({type(err).__name__}: {err}): the run starts over",
               file=sys.stderr, flush=True)
@@ -489,7 +489,7 @@ def train_one(model: nn.Module, spec: TaskSpec, train: list[dict[str, Any]],
             torch.cuda.set_rng_state(saved["cuda_rng"])
         history, first_epoch, skip = saved["history"], saved["epoch"], saved["step"]
         sums, start = (saved["loss_sum"], saved["aux_sum"]), start - saved["seconds"]
-        progress.done = (first_epoch - 1) * steps_per_epoch + skip
+        progress.total -= (first_epoch - 1) * steps_per_epoch + skip  # the ETA counts the steps left
         print(f"[{tag}] resuming from {state_file}: epoch {first_epoch}, step {skip}/{steps_per_epoch}",
               file=sys.stderr, flush=True)
     for epoch in range(first_epoch, epochs + 1):

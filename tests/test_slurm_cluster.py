@@ -455,6 +455,25 @@ def test_the_chain_stops_after_max_requeues_without_progress(slurm_cluster: Slur
     assert (tmp_path / "run" / ".requeues").read_text() == f"{jid} 1\n"
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.slurm
+def test_without_a_run_dir_every_requeue_counts(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """No --run-dir (slurm/glue_sweep.sh): no checkpoints to see progress in, so with
+    TCD_MAX_REQUEUES=1 a task that exits 85 is requeued once, then the job ends with one line."""
+    c = slurm_cluster
+    job = _script(tmp_path / "norun.sh", 'source "$TCD_REPO/slurm/launch.sh"\ntcd_srun_requeueable srun bash -c "exit 85"\n')
+    jid = c.sbatch(job, "-N", "1", "-n", "1", "--requeue", "--open-mode=append", "-o", str(tmp_path / "out.log"),
+                   cwd=tmp_path, env={**JOB_ENV, "TCD_MAX_REQUEUES": "1"})
+    assert _wait_restarts(c, jid, 0)["JobState"] == "PENDING"
+    c.release_begin_time(jid)
+    info = _wait_restarts(c, jid, 1)
+    out = (tmp_path / "out.log").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "85:0", (info, out)
+    assert f"tcd: requeueing job {jid} (restart count now 0; status 85)\n" in out, out
+    assert f"error: not requeueing job {jid}: requeued 1 times already (TCD_MAX_REQUEUES=1)\n" in out, out
+
+
 # On USR1 the rank notes when it got it; `squeue` (the batch shell's time-left query) is slow
 FORWARD_JOB = r"""
 source "$TCD_REPO/slurm/launch.sh"
