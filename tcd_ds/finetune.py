@@ -49,6 +49,13 @@ seed, epochs) *and* training settings (batch size, max length, warm-up, weight d
 eval split, MoE options) match a line in runs.jsonl is not run again, so a sweep resumes where it
 stopped; lines with other settings are kept but ignored by the summary.
 
+A SIGUSR1 or SIGTERM (a Slurm job's stop signal before its time limit, preemption) stops the sweep
+after the current training step: the run's whole state (weights, optimizer, schedule, data order,
+random generators, the epoch so far) goes to `<out>/interrupted.pt`, one line says so, and the
+command exits with status 85 (slurm/glue_sweep.sh requeues the job on it). The next sweep in that
+directory resumes that run from the file, to the same result as a run never stopped (same device
+and thread count), and deletes the file once the run is in runs.jsonl.
+
 `<out>/results.json` (written atomically) holds, for every lr, the per-seed values of every metric
 and of the GLUE score with their medians; the best lr is the one with the highest median GLUE score
 (`glue.glue_score`: the mean of the task's metrics; ties go to the lr listed first), and for it the
@@ -91,7 +98,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import typing
 from collections.abc import Sequence
@@ -103,7 +112,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tcd_ds.atomic import read_jsonl, write_json_atomic
+from tcd_ds.atomic import read_jsonl, write_atomic, write_json_atomic
 from tcd_ds.cli import Parser as _Parser
 from tcd_ds.cli import format_duration
 from tcd_ds.config import ConfigError, ModelConfig, Section, coerce, type_name
@@ -410,13 +419,62 @@ class Progress:
               f"{format_duration(per_step * (self.total - self.done))}", file=sys.stderr, flush=True)
 
 
+REQUEUE_EXIT = 85  # after a SIGUSR1/SIGTERM: the running run is saved, requeue me (as tcd_ds.train)
+STATE_FILE = "interrupted.pt"  # <out>/interrupted.pt: the state of the run a signal stopped
+
+
+class Interrupted(Exception):
+    """A SIGUSR1/SIGTERM stopped the sweep (after saving the running run's state, if one ran)."""
+
+
+class StopSignal:
+    """SIGUSR1/SIGTERM (a job's stop signal before its time limit, preemption) set a flag; the sweep
+    checks it after every training step and before every run. The previous handlers come back on exit."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+
+def _load_state(path: Path, identity: dict[str, Any], tag: str) -> dict[str, Any] | None:
+    """The saved state of this run (same task, model, lr, seed, epochs, settings), else None."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # read as needed
+    except Exception as err:  # a torn or foreign file: the run starts over
+        print(f"[{tag}] warning: {path} not readable ({type(err).__name__}: {err}): the run starts over",
+              file=sys.stderr, flush=True)
+        return None
+    return state if state.get("identity") == identity else None
+
+
 def train_one(model: nn.Module, spec: TaskSpec, train: list[dict[str, Any]],
               eval_sets: dict[str, list[dict[str, Any]]], *, lr: float, seed: int, epochs: int,
               batch_size: int, warmup_ratio: float, weight_decay: float, max_grad_norm: float,
               pad_id: int, device: torch.device, tag: str = "", progress_seconds: float = 30.0,
-              batching: str = "length") -> dict[str, Any]:
+              batching: str = "length", stop: StopSignal | None = None, state_file: Path | None = None,
+              identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune `model` (already seeded and built) and evaluate after every epoch. Returns the
-    final (last-epoch) metrics, the best epoch and the per-epoch history."""
+    final (last-epoch) metrics, the best epoch and the per-epoch history.
+
+    With `stop` and `state_file`: after a signal the step ends, the run's whole state (weights,
+    optimizer, schedule, data order, random generators, the epoch so far) is written to `state_file`
+    and `Interrupted` is raised; a later call with the same `identity` resumes from it where it
+    stopped, to the same result as a run never stopped (on the same device and thread count)."""
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total = steps_per_epoch * epochs
@@ -427,11 +485,29 @@ def train_one(model: nn.Module, spec: TaskSpec, train: list[dict[str, Any]],
     start = time.perf_counter()
     progress = Progress(tag, steps_per_epoch, epochs, progress_seconds)
     lengths = [len(x["input_ids"]) for x in train]
-    for epoch in range(1, epochs + 1):
+    first_epoch, skip, sums = 1, 0, (0.0, 0.0)
+    saved = _load_state(state_file, identity or {}, tag) if state_file is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        gen.set_state(saved["order_generator"])
+        torch.set_rng_state(saved["rng"])
+        if torch.cuda.is_available() and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"])
+        history, first_epoch, skip = saved["history"], saved["epoch"], saved["step"]
+        sums, start = (saved["loss_sum"], saved["aux_sum"]), start - saved["seconds"]
+        progress.total -= (first_epoch - 1) * steps_per_epoch + skip  # the ETA counts the steps left
+        print(f"[{tag}] resuming from {state_file}: epoch {first_epoch}, step {skip}/{steps_per_epoch}",
+              file=sys.stderr, flush=True)
+    for epoch in range(first_epoch, epochs + 1):
         model.train()
-        loss_sum = aux_sum = 0.0
+        loss_sum, aux_sum = sums if epoch == first_epoch else (0.0, 0.0)
+        epoch_start_order = gen.get_state()  # the epoch's data order is drawn from here
         order = epoch_order(lengths, batch_size, gen, batching)
         for step, items in enumerate(_batches(train, batch_size, order), 1):
+            if epoch == first_epoch and step <= skip:  # done before the signal
+                continue
             batch = {k: v.to(device) for k, v in collate(items, pad_id, spec.is_regression).items()}
             loss, _, aux = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                                  batch["labels"])
@@ -446,6 +522,16 @@ def train_one(model: nn.Module, spec: TaskSpec, train: list[dict[str, Any]],
             loss_sum += loss.item()
             aux_sum += float(aux.detach())
             progress.step(epoch, step, loss_sum / step)
+            if stop is not None and stop.signal is not None and state_file is not None:
+                state = {"identity": identity or {}, "epoch": epoch, "step": step, "model": model.state_dict(),
+                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "order_generator": epoch_start_order, "rng": torch.get_rng_state(),
+                         "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                         "history": history, "loss_sum": loss_sum, "aux_sum": aux_sum,
+                         "seconds": time.perf_counter() - start}
+                write_atomic(state_file, lambda tmp: torch.save(state, tmp))
+                raise Interrupted(f"[{tag}] signal {stop.signal}: saved the run at epoch {epoch}, step "
+                                  f"{step}/{steps_per_epoch} to {state_file}")
         metrics = evaluate(model, spec, eval_sets, batch_size, pad_id, device)
         elapsed = time.perf_counter() - start
         record = {"epoch": epoch, "train_loss": loss_sum / steps_per_epoch, "aux_loss": aux_sum / steps_per_epoch,
@@ -638,8 +724,10 @@ def _run_settings(args: FinetuneArgs, cfg: ModelConfig, vocab: str) -> dict[str,
             "moe_backend": args.moe_backend if cfg.moe.num_experts else None}
 
 
-def run_sweep(args: FinetuneArgs) -> dict[str, Any]:
-    """Run (or resume) the lr x seed grid, write runs.jsonl and results.json, return the results."""
+def run_sweep(args: FinetuneArgs, stop: StopSignal | None = None) -> dict[str, Any]:
+    """Run (or resume) the lr x seed grid, write runs.jsonl and results.json, return the results.
+    With `stop`: after a signal the running run is saved to <out>/interrupted.pt (resumed from there
+    by the next sweep) and `Interrupted` is raised."""
     device, threads, spec, cfg, sd = _device_and_model(args)
     model_path = str(Path(args.model).resolve())
     train, eval_sets, ids, vocab = _task_data(args, spec, cfg)
@@ -664,17 +752,24 @@ def run_sweep(args: FinetuneArgs) -> dict[str, Any]:
                     done[(lr, seed)] = found[-1]
                     print(f"[{tag}] already in {runs_file}, skipped", file=sys.stderr, flush=True)
                     continue
+                if stop is not None and stop.signal is not None:
+                    raise Interrupted(f"[{tag}] signal {stop.signal}: stopped before this run")
                 torch.manual_seed(seed)
                 model = build_model(args.model, spec.num_labels, args.aux_loss_weight, args.moe_backend,
                                     sd=sd, cfg=cfg, dropout=args.dropout).to(device)
+                identity = {"task": spec.name, "model": model_path, "lr": lr, "seed": seed, "epochs": args.epochs,
+                            "settings": settings}
                 result = train_one(model, spec, train, eval_sets, lr=lr, seed=seed, epochs=args.epochs,
                                    batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,
                                    weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
                                    pad_id=ids.pad, device=device, tag=tag, progress_seconds=args.progress_seconds,
-                                   batching=args.batching)
+                                   batching=args.batching, stop=stop, state_file=out / STATE_FILE,
+                                   identity=identity)
                 record = {"task": spec.name, "model": model_path, "lr": lr, "seed": seed, "epochs": args.epochs,
                           "settings": settings, "num_train": len(train), **result}
                 _append_run(runs_file, record)
+                if _load_state(out / STATE_FILE, identity, tag) is not None:  # this run's: done with
+                    (out / STATE_FILE).unlink()
                 done[(lr, seed)] = record
                 del model
 
@@ -711,14 +806,20 @@ def format_table(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Entry point: parse, run the sweep, return the results. Expected failures (missing or
-    malformed data, a bad checkpoint, bad arguments) print one `error:` line and exit with 2."""
+    malformed data, a bad checkpoint, bad arguments) print one `error:` line and exit with 2; a
+    SIGUSR1/SIGTERM saves the running run and exits with 85."""
     args = parse_args(argv)  # bad arguments: one `error:` line, exit 2 (tcd_ds/cli.py)
-    try:
-        return run_sweep(args)
-    except (GlueDataError, CheckpointError, ConfigError, FinetuneError, FloatingPointError, OSError,
-            RunDirInUse) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    with StopSignal() as stop:
+        try:
+            return run_sweep(args, stop)
+        except Interrupted as why:
+            print(f"{why}; exiting with status {REQUEUE_EXIT} (requeue: the next sweep resumes it)",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(REQUEUE_EXIT) from None
+        except (GlueDataError, CheckpointError, ConfigError, FinetuneError, FloatingPointError, OSError,
+                RunDirInUse) as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -1010,6 +1010,11 @@ def main(argv: list[str] | None = None) -> dict:
                 if run.teacher else "")
         print(run_summary_block(run.run_dir, summary, run.teacher_dir, info), flush=True)
     if summary["interrupted"]:
+        # `srun --kill-on-bad-exit` takes the first rank's 85 for a failure and sends the others
+        # SIGTERM; at interpreter shutdown Python's handlers are gone, and that SIGTERM would kill a
+        # rank that has saved and is exiting (status 143, not 85: the job would not be requeued)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
         raise SystemExit(REQUEUE_EXIT)
     return summary
 

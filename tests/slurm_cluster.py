@@ -52,12 +52,14 @@ Preemption / requeue mechanism (verified with Slurm 22.05.8 by tests/test_slurm_
      works too: the tasks then get it twice, harmless).
   2. The batch script runs the ranks with ``tcd_srun_requeueable srun ...`` (``slurm/launch.sh``):
      srun runs in the background and the shell ``wait``s (a bash trap cannot run while a
-     foreground child runs). Its USR1 trap forwards the signal to every task with
+     foreground child runs). Its USR1 (and TERM) trap forwards the signal to every task with
      ``scancel --signal=USR1 $SLURM_JOB_ID`` (= all job steps, not the batch shell) and records it.
      Slurm signals EVERY process of the step, not just the task leader: each rank must handle
-     USR1 (set a flag -> save checkpoint -> exit 0) and its children (e.g. DataLoader workers)
-     must ignore it or be expendable (an unhandled USR1 kills a process).
-  3. When srun has returned, the shell runs ``scontrol requeue $SLURM_JOB_ID``: the job becomes
+     USR1 (set a flag -> save checkpoint -> exit 85) and its children (e.g. DataLoader workers)
+     must ignore it or be expendable (an unhandled USR1 kills a process). A SIGTERM that reaches
+     srun itself (``scancel --full``, a time-limit kill) makes srun end the step ("forcing job
+     termination", SIGKILL after KillWait): only the batch shell and the ranks may get it.
+  3. When srun has returned 85, the shell runs ``scontrol requeue $SLURM_JOB_ID``: the job becomes
      PENDING with Restarts=1 and the batch shell is killed ("CANCELLED ... DUE TO JOB REQUEUE" in
      the log, then SIGKILL after KillWait). The rerun has ``SLURM_RESTART_COUNT=1`` (2, ... on
      later requeues; UNSET on the first run) and the same SLURM_JOB_ID, and resumes from the

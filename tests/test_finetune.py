@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -500,3 +501,61 @@ def test_a_second_sweep_in_a_busy_out_dir_is_refused(models, vocab_file, tmp_pat
         holder.wait()
     assert len(finetune.main(args)["metrics"]["accuracy"]["per_seed"]) == 1
     assert len(_runs(out)) == 1
+
+
+def test_a_signal_saves_the_running_run_and_the_next_sweep_resumes_it(models, vocab_file, tmp_path, monkeypatch,
+                                                                     capsys) -> None:
+    """SIGUSR1 (the GLUE array's stop signal before its time limit, or preemption's SIGTERM) during
+    the 2nd epoch of the sweep's 2nd run: the step ends, the run's state goes to interrupted.pt and
+    the sweep exits 85 (requeue); the next sweep skips the finished run, resumes the stopped one where
+    it stopped, and ends with exactly what a sweep never stopped gives."""
+    glue_dir = write_sst2(tmp_path / "glue", 64, 32)
+
+    def args(out: Path) -> list[str]:
+        return _args(models["dense"], "SST-2", glue_dir, vocab_file, out, "--lrs", "2e-4", "--seeds", "1,2",
+                     "--epochs", "2", "--batch-size", "16")  # 4 steps an epoch, 16 in the sweep
+
+    finetune.main(args(tmp_path / "ref"))
+    out = tmp_path / "out"
+    real_step, calls = finetune.Progress.step, [0]
+
+    def step(self, *a, **kw):
+        calls[0] += 1
+        if calls[0] == 14:  # run 2 (seed 2), epoch 2, step 2 of 4
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(finetune.Progress, "step", step)
+    capsys.readouterr()
+
+    def ignored(signum, frame):  # a sweep that does not handle the signal must not kill pytest
+        pass
+
+    before = signal.signal(signal.SIGUSR1, ignored)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            finetune.main(args(out))
+        assert signal.getsignal(signal.SIGUSR1) is ignored  # the sweep's handler is gone again
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 85, err
+    assert f"[SST-2 lr=0.0002 seed=2] signal {int(signal.SIGUSR1)}: saved the run at epoch 2, step 2/4 to " \
+           f"{out / 'interrupted.pt'}; exiting with status 85 (requeue: the next sweep resumes it)" in err, err
+    assert len(_runs(out)) == 1 and (out / "interrupted.pt").is_file()
+    monkeypatch.setattr(finetune.Progress, "step", real_step)
+
+    finetune.main(args(out))
+    err = capsys.readouterr().err
+    assert "seed=1] already in" in err, err
+    assert f"[SST-2 lr=0.0002 seed=2] resuming from {out / 'interrupted.pt'}: epoch 2, step 2/4" in err, err
+    assert "seed=2] epoch 1/2" not in err and "seed=2] epoch 2/2" in err, err
+    assert not (out / "interrupted.pt").exists()
+    got, ref = [json.loads(line) for line in _runs(out)], [json.loads(line) for line in _runs(tmp_path / "ref")]
+    for rec in got + ref:
+        del rec["seconds"]
+        for h in rec["history"]:
+            del h["seconds"]
+    assert got == [{**r, "model": got[0]["model"]} for r in ref]  # bit for bit, but the paths
+    assert json.loads((out / "results.json").read_text())["metrics"] == \
+        json.loads((tmp_path / "ref" / "results.json").read_text())["metrics"]

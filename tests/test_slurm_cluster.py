@@ -7,6 +7,7 @@ limits only every ~30 s) and `test_requeue_before_the_time_limit_when_the_save_o
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -128,9 +129,49 @@ def test_tcd_train_gives_every_rank_its_cpus(slurm_cluster: SlurmCluster, tmp_pa
     info = c.wait(jid, timeout=60)
     out = (tmp_path / "out.txt").read_text()
     assert info["JobState"] == "COMPLETED", (info, out)
-    ranks = sorted(line for line in out.splitlines() if line.startswith("rank="))
-    assert ranks == [f"rank={r} cpus=2 omp=2 Cpus_allowed_list:0-1 script=tcd_ds/train.py" for r in (0, 1)], out
+    ranks = sorted(line for line in out.splitlines() if "rank=" in line)
+    assert ranks == [f"{r}: rank={r} cpus=2 omp=2 Cpus_allowed_list:0-1 script=tcd_ds/train.py" for r in (0, 1)], out
     assert info["OverSubscribe"] == "NO" and info["MinMemoryNode"] == "0", info  # --exclusive --mem=0
+
+
+def _iface_holding(addr: str) -> str:
+    for line in subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout.splitlines():
+        fields = line.split()
+        if fields[3].split("/")[0] == addr:
+            return fields[1]
+    raise AssertionError(f"no interface holds {addr}")
+
+
+def test_tcd_train_labels_rank_lines_and_exports_network_and_debug_env(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """Every line of a rank starts with its rank (`srun --label`); the ranks get NCCL_DEBUG=WARN,
+    PYTHONFAULTHANDLER=1 and NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME = the interface that holds
+    MASTER_ADDR (this host's real address: the nodes' NodeAddr is loopback), each unless the user set
+    it. TCD_PYTHON: a stand-in that reports, not the trainer."""
+    c = slurm_cluster
+    fake = _script(tmp_path / "python", 'echo "rank=$RANK master=$MASTER_ADDR nccl=${NCCL_SOCKET_IFNAME:-unset} '
+                   'gloo=${GLOO_SOCKET_IFNAME:-unset} debug=${NCCL_DEBUG:-unset} '
+                   'faulthandler=${PYTHONFAULTHANDLER:-unset}"\n')
+    fake.chmod(0o755)
+    env = {**JOB_ENV, "TCD_PYTHON": str(fake), "TCD_TEACHER": str(tmp_path), "TCD_RUN_DIR": str(tmp_path / "run"),
+           "NCCL_DEBUG": "", "PYTHONFAULTHANDLER": "", "NCCL_SOCKET_IFNAME": "", "GLOO_SOCKET_IFNAME": ""}
+    mine = {"NCCL_DEBUG": "INFO", "PYTHONFAULTHANDLER": "0", "NCCL_SOCKET_IFNAME": "=lo", "GLOO_SOCKET_IFNAME": "lo"}
+    outs = {}
+    for name, extra in (("default", {}), ("mine", mine)):
+        jid = c.sbatch(REPO / "slurm" / "tcd_large.sh", "-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0",
+                       "--cpus-per-task=2", "--time=30", "-o", str(tmp_path / f"{name}.txt"), cwd=REPO,
+                       env={**env, **extra})
+        info = c.wait(jid, timeout=60)
+        outs[name] = (tmp_path / f"{name}.txt").read_text()
+        assert info["JobState"] == "COMPLETED", (info, outs[name])
+    lines = sorted(line for line in outs["default"].splitlines() if "rank=" in line)
+    master = lines[0].split("master=")[1].split()[0]
+    dev = _iface_holding(master)
+    assert dev != "lo", (master, dev)
+    assert lines == [f"{r}: rank={r} master={master} nccl={dev} gloo={dev} debug=WARN faulthandler=1"
+                     for r in (0, 1)], outs["default"]
+    lines = sorted(line for line in outs["mine"].splitlines() if "rank=" in line)
+    assert lines == [f"{r}: rank={r} master={master} nccl==lo gloo=lo debug=INFO faulthandler=0"
+                     for r in (0, 1)], outs["mine"]
 
 
 def test_glue_sweep_gives_its_task_its_cpus(slurm_cluster: SlurmCluster, tmp_path: Path):
@@ -148,22 +189,53 @@ def test_glue_sweep_gives_its_task_its_cpus(slurm_cluster: SlurmCluster, tmp_pat
     assert "cpus=2 omp=2 -m tcd_ds.finetune" in out, out
 
 
+def test_glue_sweep_is_signalled_before_its_time_limit_and_requeued(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """slurm/glue_sweep.sh asks for --signal=B:USR1@300: with --time=5 the signal comes within
+    slurmctld's ~30 s check; the sweep (a stand-in that, like tcd_ds.finetune, saves and exits 85 on
+    USR1) is requeued and its rerun goes on, instead of the task running into its limit (TIMEOUT)."""
+    c = slurm_cluster
+    fake = _script(tmp_path / "python", r"""
+if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then
+  trap 'echo "sweep: USR1, saved, exit 85"; exit 85' USR1
+  echo ready > "$OUTDIR/ready"
+  for i in $(seq 900); do sleep 0.1; done
+  exit 3
+fi
+echo "sweep: rerun ${SLURM_RESTART_COUNT} of $3 --task $7"
+""")
+    fake.chmod(0o755)
+    env = {**JOB_ENV, "TCD_PYTHON": str(fake), "TCD_MODEL": str(tmp_path), "TCD_GLUE_DIR": str(tmp_path),
+           "TCD_OUT": str(tmp_path / "glue"), "OUTDIR": str(tmp_path)}
+    jid = c.sbatch(REPO / "slurm" / "glue_sweep.sh", "--array=2", "--gpus-per-node=0", "--cpus-per-task=1",
+                   "--time=5", "-o", str(tmp_path / "out.txt"), cwd=REPO, env=env)
+    _wait_files(tmp_path, "ready", 1)
+    info = c.wait(jid, states=("PENDING",) + sc.TERMINAL_STATES, timeout=90)
+    out = (tmp_path / "out.txt").read_text()
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, out)
+    assert "sweep: USR1, saved, exit 85" in out and f"tcd: requeueing job {jid} (restart count now 0; status 85)" in out, out
+    c.release_begin_time(jid)
+    info = c.wait(jid, timeout=60)
+    out = (tmp_path / "out.txt").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, out)
+    assert "sweep: rerun 1 of tcd_ds.finetune --task MRPC" in out, out
+
+
 # Two ranks that have saved one complete checkpoint; on USR1 each starts a save that outlasts the
 # job's time limit. The batch shell must requeue before the limit anyway (a job that reaches its
 # limit ends TIMEOUT and is never requeued); the rerun resumes from the last complete checkpoint.
 SLOW_SAVE_JOB = r"""
 source "$TCD_REPO/slurm/launch.sh"
 echo "batch restart=${SLURM_RESTART_COUNT:-unset}"
-tcd_srun_requeueable srun bash -c '
-  r=$SLURM_PROCID; n=${SLURM_RESTART_COUNT:-0}
+tcd_srun_requeueable --run-dir "$OUTDIR/run" srun bash -c '
+  r=$SLURM_PROCID; n=${SLURM_RESTART_COUNT:-0}; ck=$OUTDIR/run/checkpoints
   if [ "$n" = 0 ]; then
-    mkdir -p $OUTDIR/step_1.$r && touch $OUTDIR/step_1.$r/complete
-    trap "mkdir -p $OUTDIR/step_2.$r; sleep 600; touch $OUTDIR/step_2.$r/complete" USR1
+    mkdir -p $ck/step_00000001 && touch $ck/step_00000001/complete.json
+    trap "mkdir -p $ck/step_00000002; sleep 600; touch $ck/step_00000002/complete.json" USR1
     echo ready > $OUTDIR/ready.$r
     for i in $(seq 1200); do sleep 0.1; done
     exit 3
   fi
-  latest=$(cd $OUTDIR && ls -d step_*.$r | while read d; do [ -f $d/complete ] && echo $d; done | sort | tail -n1)
+  latest=$(cd $ck && ls -d step_* | while read d; do [ -f $d/complete.json ] && echo $d; done | sort | tail -n1)
   echo "rank=$r restart=$n resumes from $latest" > $OUTDIR/done.$r
 '
 echo "batch end rc=$?"
@@ -185,19 +257,20 @@ def test_requeue_before_the_time_limit_when_the_save_outlasts_it(slurm_cluster: 
     out = (tmp_path / "out.log").read_text()
     assert info["Restarts"] == "1" and info["JobState"] in ("PENDING", "COMPLETED"), (info, out)
     assert took < 40 and "DUE TO TIME LIMIT" not in out, (took, out)
-    assert "requeueing in at most" in out and "did not finish saving in time: requeueing now" in out, out
+    assert "requeueing in at most" in out and "did not finish saving in time" in out, out
+    assert "newest complete checkpoint: step 1)" in out, out  # progress: step 1 is newer than the start
     if info["JobState"] == "PENDING":
         c.release_begin_time(jid)
     info = c.wait(jid, timeout=60)
     out = (tmp_path / "out.log").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, out)
-    assert sorted(p.name for p in tmp_path.glob("step_2.*")) == ["step_2.0", "step_2.1"]  # cut off
-    assert not list(tmp_path.glob("step_2.*/complete"))
+    ck = tmp_path / "run" / "checkpoints"
+    assert (ck / "step_00000002").is_dir() and not (ck / "step_00000002" / "complete.json").exists()  # cut off
     assert {(tmp_path / f"done.{r}").read_text() for r in (0, 1)} == \
-        {f"rank={r} restart=1 resumes from step_1.{r}\n" for r in (0, 1)}
+        {f"rank={r} restart=1 resumes from step_00000001\n" for r in (0, 1)}
 
 
-# Two ranks: first run waits for USR1, "checkpoints" (marker per rank) and exits 0; the
+# Two ranks: first run waits for USR1, "checkpoints" (marker per rank) and exits 85; the
 # requeued run (SLURM_RESTART_COUNT=1) writes done.<rank>. Also `sleep` children of the task
 # receive USR1 (Slurm signals every process of the step) -- the rank's trap must be the only
 # thing that matters, so the loop below tolerates its children dying.
@@ -206,7 +279,7 @@ source "$TCD_REPO/slurm/launch.sh"
 echo "batch restart=${SLURM_RESTART_COUNT:-unset}"
 tcd_srun_requeueable srun bash -c '
   r=$SLURM_PROCID; n=${SLURM_RESTART_COUNT:-0}
-  trap "echo rank=$r restart=$n > $OUTDIR/ckpt.$r.$n; exit 0" USR1
+  trap "echo rank=$r restart=$n > $OUTDIR/ckpt.$r.$n; exit 85" USR1 TERM
   if [ "$n" = 0 ]; then
     echo ready > $OUTDIR/ready.$r
     for i in $(seq 900); do sleep 0.1; done
@@ -266,6 +339,172 @@ def test_time_limit_signal_requeue(slurm_cluster: SlurmCluster, tmp_path: Path):
                    env={**JOB_ENV, "OUTDIR": str(tmp_path), "TCD_REQUEUE_MARGIN": "10"})
     _wait_files(tmp_path, "ready.*", 2)
     _check_requeued(c, jid, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.slurm
+def test_sigterm_to_the_batch_shell_saves_and_requeues(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """A SIGTERM to the batch shell (preemption; here `scancel --signal=TERM --batch`): the shell
+    traps it like USR1 (forward, wait for the ranks' save, requeue) instead of dying, which ended the
+    job with the ranks killed unsaved; the rerun completes."""
+    c = slurm_cluster
+    jid = c.sbatch(_script(tmp_path / "rq.sh", REQUEUE_JOB), "-N", "2", "--ntasks-per-node=1",
+                   "--requeue", "--open-mode=append", "-o", str(tmp_path / "out.log"),
+                   cwd=tmp_path, env={**JOB_ENV, "OUTDIR": str(tmp_path)})
+    _wait_files(tmp_path, "ready.*", 2)
+    c.run(["scancel", "--signal=TERM", "--batch", str(jid)])
+    _check_requeued(c, jid, tmp_path)
+    assert f"tcd: SIGTERM in batch shell of job {jid}" in (tmp_path / "out.log").read_text()
+
+
+# One rank per job; on USR1 it exits with $STATUS, or with HANG=1 ignores it (a rank stuck before
+# its first step: the signal changes nothing, it never returns)
+STATUS_JOB = r"""
+source "$TCD_REPO/slurm/launch.sh"
+tcd_srun_requeueable --run-dir "$OUTDIR/run.$STATUS" srun bash -c '
+  if [ "$HANG" = 1 ]; then trap "" USR1; else trap "exit $STATUS" USR1; fi
+  echo ready > $OUTDIR/ready.$STATUS
+  for i in $(seq 600); do sleep 0.1; done
+  exit 9
+'
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.slurm
+def test_the_chain_ends_on_any_status_but_a_signal_save(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """After USR1, ranks that exit 0 (the signal came during the final save), 2 (a user error) or 3
+    (non-finite loss) are not requeued: the job ends with their status and one line naming it. Ranks
+    that do not return by the requeue margin (TCD_REQUEUE_MARGIN larger than the time left: at once)
+    and saved no newer checkpoint are not requeued either: one `error:` line, status 124."""
+    c = slurm_cluster
+    jobs = {}
+    for status in (0, 2, 3, 124):
+        env = {**JOB_ENV, "OUTDIR": str(tmp_path), "STATUS": str(status), "HANG": str(int(status == 124)),
+               "TCD_REQUEUE_MARGIN": "100000" if status == 124 else "60"}
+        jobs[status] = c.sbatch(_script(tmp_path / "st.sh", STATUS_JOB), "-N", "1", "-n", "1", "--requeue",
+                                "--time=5", "-o", str(tmp_path / f"out.{status}"), cwd=tmp_path, env=env)
+    _wait_files(tmp_path, "ready.*", 4, timeout=60)
+    for jid in jobs.values():
+        c.run(["scancel", "--signal=USR1", "--batch", str(jid)])
+    for status, jid in jobs.items():
+        info = c.wait(jid, states=sc.TERMINAL_STATES + ("PENDING",), timeout=60)
+        out = (tmp_path / f"out.{status}").read_text()
+        assert info["Restarts"] == "0", (status, info, out)
+        assert info["JobState"] == ("COMPLETED" if status == 0 else "FAILED"), (status, info, out)
+        assert info["ExitCode"] == f"{status}:0", (status, info, out)
+        if status == 124:
+            assert f"error: not requeueing job {jid}: its ranks did not return before the requeue margin " \
+                   "and saved no checkpoint newer than step 0" in out, out
+        else:
+            assert f"tcd: not requeueing job {jid}: the ranks exited with status {status} (" in out, out
+        assert len([line for line in out.splitlines() if "not requeueing" in line]) == 1, out
+
+
+# Ranks that exit 85 (a signal save) at once: the first run leaves a new complete checkpoint, the
+# later ones none
+CHAIN_JOB = r"""
+source "$TCD_REPO/slurm/launch.sh"
+echo "batch restart=${SLURM_RESTART_COUNT:-0}"
+tcd_srun_requeueable --run-dir "$OUTDIR/run" srun bash -c '
+  ck=$OUTDIR/run/checkpoints/step_00000005
+  [ "${SLURM_RESTART_COUNT:-0}" = 0 ] && mkdir -p $ck && touch $ck/complete.json
+  exit 85
+'
+"""
+
+
+def _wait_restarts(c: SlurmCluster, jid: int, restarts: int) -> dict[str, str]:
+    """The job once its run `restarts` has ended: requeued (PENDING) or finished for good."""
+    t_end = time.monotonic() + 60
+    while time.monotonic() < t_end:
+        info = c.job_state(jid)
+        if info.get("Restarts") == str(restarts + 1) and info.get("JobState") == "PENDING":
+            return info
+        if info.get("Restarts") == str(restarts) and info.get("JobState") in sc.TERMINAL_STATES:
+            return info
+        time.sleep(0.3)
+    raise TimeoutError(f"job {jid}: run {restarts} did not end: {c.job_state(jid)}")
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.slurm
+def test_the_chain_stops_after_max_requeues_without_progress(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """Status 85 is requeued (with or without a signal to the batch shell); TCD_MAX_REQUEUES=1: the
+    first requeue follows a new checkpoint, the second (no new checkpoint) is the one allowed, the
+    third would be the second in a row without progress: the job ends FAILED 85 with one line."""
+    c = slurm_cluster
+    jid = c.sbatch(_script(tmp_path / "chain.sh", CHAIN_JOB), "-N", "1", "-n", "1", "--requeue",
+                   "--open-mode=append", "-o", str(tmp_path / "out.log"), cwd=tmp_path,
+                   env={**JOB_ENV, "OUTDIR": str(tmp_path), "TCD_MAX_REQUEUES": "1"})
+    for run in (0, 1):
+        info = _wait_restarts(c, jid, run)
+        assert info["JobState"] == "PENDING", (run, info, (tmp_path / "out.log").read_text())
+        c.release_begin_time(jid)
+    info = _wait_restarts(c, jid, 2)
+    out = (tmp_path / "out.log").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "85:0", (info, out)
+    assert out.count("tcd: requeueing job") == 2, out
+    assert "status 85, newest complete checkpoint: step 5)" in out, out
+    assert out.count("not requeueing") == 1, out
+    assert f"error: not requeueing job {jid}: 1 requeues in a row without a new complete checkpoint " \
+           "(newest: step 5; TCD_MAX_REQUEUES=1)" in out, out
+    assert (tmp_path / "run" / ".requeues").read_text() == f"{jid} 1\n"
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.slurm
+def test_without_a_run_dir_every_requeue_counts(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """No --run-dir (slurm/glue_sweep.sh): no checkpoints to see progress in, so with
+    TCD_MAX_REQUEUES=1 a task that exits 85 is requeued once, then the job ends with one line."""
+    c = slurm_cluster
+    job = _script(tmp_path / "norun.sh", 'source "$TCD_REPO/slurm/launch.sh"\ntcd_srun_requeueable srun bash -c "exit 85"\n')
+    jid = c.sbatch(job, "-N", "1", "-n", "1", "--requeue", "--open-mode=append", "-o", str(tmp_path / "out.log"),
+                   cwd=tmp_path, env={**JOB_ENV, "TCD_MAX_REQUEUES": "1"})
+    assert _wait_restarts(c, jid, 0)["JobState"] == "PENDING"
+    c.release_begin_time(jid)
+    info = _wait_restarts(c, jid, 1)
+    out = (tmp_path / "out.log").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "85:0", (info, out)
+    assert f"tcd: requeueing job {jid} (restart count now 0; status 85)\n" in out, out
+    assert f"error: not requeueing job {jid}: requeued 1 times already (TCD_MAX_REQUEUES=1)\n" in out, out
+
+
+# On USR1 the rank notes when it got it; `squeue` (the batch shell's time-left query) is slow
+FORWARD_JOB = r"""
+source "$TCD_REPO/slurm/launch.sh"
+tcd_srun_requeueable srun bash -c '
+  trap "date +%s.%N > $OUTDIR/got; exit 0" USR1
+  echo ready > $OUTDIR/ready
+  for i in $(seq 600); do sleep 0.1; done
+'
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.slurm
+def test_the_signal_is_forwarded_before_the_time_left_query(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """An `squeue` that takes 10 s (a busy slurmctld) must not delay the ranks' save: the batch shell
+    forwards USR1 first and asks for the time left after."""
+    c = slurm_cluster
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    _script(fake / "squeue", f'sleep 10; exec {shutil.which("squeue")} "$@"\n').chmod(0o755)
+    jid = c.sbatch(_script(tmp_path / "fw.sh", FORWARD_JOB), "-N", "1", "-n", "1", "--time=5",
+                   "-o", str(tmp_path / "out.log"), cwd=tmp_path,
+                   env={**JOB_ENV, "OUTDIR": str(tmp_path), "PATH": f"{fake}:{os.environ['PATH']}"})
+    _wait_files(tmp_path, "ready", 1)
+    sent = time.time()
+    c.run(["scancel", "--signal=USR1", "--batch", str(jid)])
+    got = float(_wait_files(tmp_path, "got", 1, timeout=30)[0].read_text())
+    assert got - sent < 5, (got - sent, (tmp_path / "out.log").read_text())
+    info = c.wait(jid, timeout=60)
+    assert info["JobState"] == "COMPLETED", (info, (tmp_path / "out.log").read_text())
 
 
 @pytest.mark.slow

@@ -42,8 +42,9 @@ def test_sbatch_tcd_large_trains_on_two_nodes(slurm_cluster, shared_data, tiny_t
     out = (tmp_path / "out.log").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", (info, out[-4000:], c.logs())
     print(f"job {jid}: 2-node run took {time.time() - start:.1f} s")
-    assert "rank 0/2" in out and "rank 1/2" in out
-    assert {line.split(" on ")[1].split(",")[0] for line in out.splitlines() if line.startswith("rank ")} == {"n1", "n2"}
+    assert "0: rank 0/2" in out and "1: rank 1/2" in out  # srun --label: each rank's lines carry its rank
+    assert {line.split(" on ")[1].split(",")[0] for line in out.splitlines()
+            if line.startswith(("0: rank ", "1: rank "))} == {"n1", "n2"}
     assert "launcher deepspeed/torchrun" in out or "launcher slurm" in out
     assert "memory plan per rank (GiB):" in out
     summary = json.loads((run / "summary.json").read_text())
