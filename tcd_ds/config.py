@@ -16,6 +16,8 @@ from pathlib import Path
 from types import UnionType
 from typing import Any
 
+from tcd_ds.model.experts import registry as moe_backends
+
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
@@ -58,7 +60,7 @@ class MoEConfig(Section):
     z_loss_weight: float = 0.0  # router z-loss weight (ST-MoE); 0 disables it
     jitter: float = 0.0  # multiplicative router-input noise U(1-j, 1+j) in training (Switch)
     normalize_top_k: bool = True  # renormalise the k gate values to sum to 1 (top_k > 1)
-    backend: str = "torch"  # torch | grouped | deepspeed | megablocks
+    backend: str = "torch"  # a name of tcd_ds/model/experts/registry.py: torch | grouped | deepspeed | megablocks
     ep_size: int = 1  # expert-parallel world size (deepspeed backend)
 
     def validate(self) -> None:
@@ -74,14 +76,15 @@ class MoEConfig(Section):
             raise ConfigError("model.moe.capacity_factor and eval_capacity_factor must be >= 0 (0 = dropless)")
         if not 0 <= self.jitter < 1:
             raise ConfigError(f"model.moe.jitter must be in [0, 1), got {self.jitter}")
-        backends = ("torch", "grouped", "deepspeed", "megablocks")
+        backends = moe_backends.names()
         if self.backend not in backends:
             raise ConfigError(f"model.moe.backend must be one of {', '.join(backends)}, got {self.backend!r}")
         if self.ep_size < 1 or self.num_experts % self.ep_size:
             raise ConfigError(
                 f"model.moe.ep_size={self.ep_size} must divide model.moe.num_experts={self.num_experts}")
-        if self.ep_size > 1 and self.backend != "deepspeed":
-            raise ConfigError(f"model.moe.ep_size={self.ep_size} needs model.moe.backend=deepspeed "
+        if self.ep_size > 1 and not moe_backends.get(self.backend).expert_parallel:
+            raise ConfigError(f"model.moe.ep_size={self.ep_size} needs model.moe.backend="
+                              f"{' or '.join(moe_backends.expert_parallel())} "
                               f"(backend {self.backend!r} keeps all experts on every rank)")
 
 

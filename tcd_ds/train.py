@@ -54,6 +54,7 @@ from tcd_ds.distill.teacher import (FrozenTeacher, check_teacher_positions, load
 from tcd_ds.hardware import bf16_warning
 from tcd_ds.memory import format_plan, memory_plan
 from tcd_ds.model.bert import BertForMaskedLM, flops_per_token, num_parameters
+from tcd_ds.model.experts import registry as moe_backends
 from tcd_ds.model.hf import CheckpointError, config_to_hf
 from tcd_ds.monitor import MetricsLog, Monitor, measure_matmul_peak, quiet_known_warnings, run_summary_block
 from tcd_ds.optim import GuardedAdamW, GuardedLambdaLR, build_optimizer
@@ -110,11 +111,9 @@ def load_ds_config(path: str, cfg: Config, device: torch.device, ranks: int = 1)
         raise ConfigError(f"{path}: zero_optimization.compute_grad_norm=false: the trainer's skip guard needs ZeRO's "
                           "global gradient norm to skip a step with a non-finite gradient in any parameter group; "
                           "remove the key")
-    uses_ds_moe = cfg.mode != "vanilla" and cfg.model.moe.backend == "deepspeed"
-    if stage == 3 and uses_ds_moe:
-        raise ConfigError(f"{path}: ZeRO stage 3 is not supported with DeepSpeed-MoE; use stage 1 or 2")
     if stage == 3 and cfg.mode != "vanilla":
-        raise ConfigError(f"{path}: ZeRO stage 3 is not supported for MoE models here; use stage 1 or 2")
+        raise ConfigError(f"{path}: ZeRO stage 3 is not supported {moe_backends.get(cfg.model.moe.backend).zero3}; "
+                          "use stage 1 or 2")
     if ds.get("fp16", {}).get("enabled") and device.type == "cpu":
         raise ConfigError(f"{path}: fp16 is not supported on CPU; use a bf16 or fp32 config (ds_configs/cpu_*.json)")
     check_gpu_paths(path, ds, cfg, device)
@@ -133,25 +132,17 @@ def load_ds_config(path: str, cfg: Config, device: torch.device, ranks: int = 1)
 
 
 def check_gpu_paths(path: str, ds: dict, cfg: Config, device: torch.device) -> None:
-    """Refuse the device/precision/backend combinations that cannot run, before any compute (docs/gpu.md
-    lists every GPU combination and how it is covered). The `grouped` backend is not refused in fp16 or
+    """Refuse the device/precision/backend combinations that cannot run, before any compute: what the
+    backend's registry entry needs (tcd_ds/model/experts/registry.py; docs/gpu.md lists every GPU
+    combination and how it is covered). The `grouped` backend is not refused in fp16 or
     fp32 on CUDA: torch 2.13's grouped_mm takes fp32/bf16/fp16 there (`_grouped_mm_validate_inputs`),
     with bf16 on SM90/SM100 on the fast kernel and everything else on its per-group mm fallback."""
-    if cfg.mode == "vanilla" or cfg.model.moe.backend != "megablocks":
+    if cfg.mode == "vanilla":
         return
-    import importlib.util
-
-    if device.type != "cuda":
-        raise ConfigError(f"model.moe.backend=megablocks needs an NVIDIA GPU and this run is on {device.type}: "
-                          "set model.moe.backend=grouped (dropless grouped matmuls) or torch")
-    if importlib.util.find_spec("megablocks") is None:
-        raise ConfigError("model.moe.backend=megablocks needs the megablocks package, which is not installed: "
-                          "pip install -r requirements-gpu.txt, or set model.moe.backend=grouped")
-    if not ds.get("bf16", {}).get("enabled"):
-        precision = "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
-        raise ConfigError(f"{path}: model.moe.backend=megablocks runs MegaBlocks' grouped GEMMs, which take bf16 "
-                          f"only, but this config trains in {precision}: enable \"bf16\" in the DeepSpeed config "
-                          "(e.g. ds_configs/gpu_zero2_bf16.json) or set model.moe.backend=grouped")
+    precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+    refused = moe_backends.refusal(cfg.model.moe.backend, device.type, precision, path)
+    if refused:
+        raise ConfigError(refused)
 
 
 def check_parallel(cfg: Config, layout: Layout) -> None:
