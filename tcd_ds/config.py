@@ -16,6 +16,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any
 
+from tcd_ds.distill import forms as relation_forms
 from tcd_ds.model.experts import registry as moe_backends
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -152,7 +153,7 @@ class DistillConfig(Section):
     weight_t: float = 1.0
     weight_i: float = 1.0
     weight_a: float = 1.0
-    form: str = "mse"  # mse | kl
+    form: str = "mse"  # a name of tcd_ds/distill/forms.py: mse | kl
     tau: float = 1.0  # KL temperature
     impl: str = "auto"  # auto | naive | gram (the MSE fast path)
     include_embeddings: bool = True  # T also aligns the embedding output (layer 0)
@@ -167,12 +168,14 @@ class DistillConfig(Section):
         bad = set(self.positions) - set("TIA")
         if bad or not self.positions:
             raise ConfigError(f"distill.positions must be a non-empty subset of 'TIA', got {self.positions!r}")
-        if self.form not in ("mse", "kl"):
-            raise ConfigError(f"distill.form must be 'mse' or 'kl', got {self.form!r}")
-        if self.impl not in ("auto", "naive", "gram"):
+        if self.form not in relation_forms.names():
+            raise ConfigError(f"distill.form must be {' or '.join(map(repr, relation_forms.names()))}, got {self.form!r}")
+        if self.impl not in relation_forms.IMPLS:
             raise ConfigError(f"distill.impl must be auto, naive or gram, got {self.impl!r}")
-        if self.form == "kl" and self.impl == "gram":
-            raise ConfigError("distill.impl=gram is the MSE fast path; use impl=auto or naive with form=kl")
+        if self.impl != "auto" and self.impl not in relation_forms.get(self.form).impls:
+            raise ConfigError(f"distill.impl={self.impl} is only implemented for distill.form="
+                              f"{' or '.join(relation_forms.with_impl(self.impl))}; use impl=auto or naive with "
+                              f"form={self.form}")
         if self.tau <= 0:
             raise ConfigError(f"distill.tau must be > 0, got {self.tau}")
 

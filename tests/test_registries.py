@@ -1,6 +1,6 @@
-"""The extension points are registries (docs/extending.md): adding an MoE backend is one file plus one
-`register(...)`, and config validation, the `error:` line listing the choices, the trainer's checks and
-gpucheck's list all pick it up."""
+"""The extension points are registries (docs/extending.md): adding an MoE backend or a relation-loss form
+is one file plus one `register(...)`, and config validation, the `error:` line listing the choices, the
+trainer's checks, gpucheck's list and the relation losses all pick it up."""
 from __future__ import annotations
 
 import subprocess
@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from tcd_ds import gpucheck, memory
-from tcd_ds.config import ConfigError, build_config
+from tcd_ds.config import ConfigError, DistillConfig, build_config
+from tcd_ds.distill import forms, relation
+from tcd_ds.distill.objective import RelationObjective
 from tcd_ds.model.experts import registry
 from tcd_ds.model.moe import build_moe
 from tcd_ds.train import load_ds_config
@@ -27,6 +29,19 @@ from tcd_ds.model.moe import build_loop
 
 def build(cfg):
     return build_loop(cfg)
+'''
+
+# the one new file of a relation form: the mean absolute difference of the two relation matrices
+DUMMY_FORM = '''"""A dummy relation form for tests/test_registries.py."""
+from tcd_ds.distill.relation import relation_matrix
+
+
+def loss(s, t, mask, tau, impl):
+    valid = (mask[:, None, :] & mask[:, :, None]).float()
+    if s.dim() == 4:
+        valid = valid[:, None]
+    diff = (relation_matrix(s, mask) - relation_matrix(t, mask)).abs() * valid
+    return diff.sum() / valid.expand_as(diff).sum().clamp(min=1.0)
 '''
 
 
@@ -98,3 +113,48 @@ def test_the_config_reads_the_backend_names_without_importing_torch():
     code = "import sys, tcd_ds.config; assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed')]"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture
+def dummy_form(tmp_path, monkeypatch):
+    (tmp_path / "dummy_relation_form.py").write_text(DUMMY_FORM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(forms, "_REGISTRY", dict(forms._REGISTRY))
+    forms.register(forms.Form("l1", "dummy_relation_form:loss"))  # the one registration
+    return "l1"
+
+
+def test_the_builtin_forms_are_registered():
+    assert forms.names() == ("mse", "kl") and forms.with_impl("gram") == ("mse",)
+    with pytest.raises(ConfigError, match="distill.form must be 'mse' or 'kl', got 'l1'"):
+        build_config("tiny", ["distill.form=l1"])
+
+
+def test_config_validation_and_the_error_line_pick_up_a_new_form(dummy_form, capsys):
+    cfg = build_config("tiny", ["mode=tcd", "teacher.path=t", f"distill.form={dummy_form}"])
+    assert cfg.distill.form == dummy_form
+    with pytest.raises(ConfigError, match="distill.impl=gram is only implemented for distill.form=mse; use "
+                                          "impl=auto or naive with form=l1"):
+        build_config("tiny", [f"distill.form={dummy_form}", "distill.impl=gram"])
+    with pytest.raises(SystemExit):
+        memory.main(["--config", "tiny", "--world", "2", "distill.form=nope"])
+    assert capsys.readouterr().err == "error: distill.form must be 'mse' or 'kl' or 'l1', got 'nope'\n"
+
+
+def test_the_relation_losses_compute_a_new_form(dummy_form):
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 6, 8, generator=gen), torch.randn(2, 6, 4, generator=gen)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    assert relation.choose_impl(dummy_form, 8, 8, 64) == "naive"
+    with pytest.raises(ValueError, match="impl='gram' is only available for form='mse'"):
+        relation.choose_impl(dummy_form, 8, 8, 64, "gram")
+    one = relation.relation_loss(s, t, mask, form=dummy_form)
+    assert one > 0 and relation.relation_loss(s, s * 2.0, mask, form=dummy_form) < 1e-6  # relations are scale-free
+    many = relation.relation_losses([s, s[:, :, :4], s], [t, t, s], mask, form=dummy_form)
+    torch.testing.assert_close(many[0], one)
+    assert many[2] < 1e-6
+    # and the trainer's objective, which reaches the forms only through relation_losses
+    objective = RelationObjective(DistillConfig(positions="T", form=dummy_form), 1, 1)
+    total, terms = objective({("T", 0, "out"): s}, {("T", 0, "out"): t}, mask)
+    torch.testing.assert_close(total, one)
