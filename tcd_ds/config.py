@@ -16,10 +16,11 @@ from pathlib import Path
 from types import UnionType
 from typing import Any
 
+from tcd_ds import resources
 from tcd_ds.distill import forms as relation_forms
 from tcd_ds.model.experts import registry as moe_backends
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
+RECIPES_DIR = resources.RECIPES
 
 
 class ConfigError(ValueError):

@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from tcd_ds import resources
 from tcd_ds.atomic import publish_dir, read_json, write_json_atomic, write_text_atomic
 from tcd_ds.cli import format_duration
 from tcd_ds.config import ConfigError, apply_overrides, build_config, from_dict, trained_vocab_size
@@ -51,8 +52,7 @@ from tcd_ds.experiment_layout import (
     STEPS, aligned_dir, analyzed_models, glue_models, random_init_dir, run_dirs, task_settings, trend_from_glue,
     trend_steps)
 
-RECIPES = Path(__file__).parent / "recipes" / "experiments"
-REPO = Path(__file__).resolve().parents[1]
+RECIPES = resources.recipes("experiments")
 TRAIN_PY = Path(__file__).parent / "train.py"
 FREE = ("pretrain", "teacher")  # free sections of trainer keys (validated by tcd_ds.config), any depth
 RESERVED = ("mode", "run_dir", "teacher.path")  # set by the pipeline
@@ -135,9 +135,9 @@ def resolve_ds_config(value: str, out: Path, ranks: int = 2) -> tuple[str, str]:
 
 
 def _ds_config(path: str) -> Path:
-    for p in (Path(path), REPO / path):
-        if p.is_file():
-            return p
+    found = Path(resources.ds_config(path))  # a path of the user's, or a shipped ds_configs/ file
+    if found.is_file():
+        return found
     raise ExperimentError(f"ds_config {path} does not exist")
 
 

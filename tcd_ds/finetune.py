@@ -103,6 +103,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tcd_ds import resources
 from tcd_ds.atomic import read_jsonl, write_json_atomic
 from tcd_ds.cli import Parser as _Parser
 from tcd_ds.cli import format_duration
@@ -524,7 +525,7 @@ def _resolve_vocab(args: FinetuneArgs) -> str:
     inside = Path(args.model) / VOCAB_FILENAME
     if inside.is_file():
         return str(inside)
-    beside_repo = Path(__file__).resolve().parents[1] / DEFAULT_VOCAB  # when run from elsewhere
+    beside_repo = resources.ROOT / DEFAULT_VOCAB  # when run from elsewhere
     return DEFAULT_VOCAB if Path(DEFAULT_VOCAB).is_file() or not beside_repo.is_file() else str(beside_repo)
 
 

@@ -48,9 +48,8 @@ import torch
 
 from tcd_ds.dist import free_port
 from tcd_ds.model.experts import registry
+from tcd_ds.resources import DS_CONFIGS, ROOT
 
-REPO = Path(__file__).resolve().parents[1]
-DS_CONFIGS = REPO / "ds_configs"
 # (relative Frobenius error, max abs error / max |reference|) of a backend against the torch backend
 TOLERANCES = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (2e-2, 6e-2), torch.float16: (4e-3, 1e-2)}
 # (max abs error of a relation matrix entry, relative error of L_T / L_I / L_A) against the fp32 teacher
@@ -549,7 +548,7 @@ def _throughput_child(backend: str, plan: Plan, timeout_s: float, device: torch.
     cmd = [sys.executable, "-m", "tcd_ds.gpucheck", "--throughput", backend, "--recipe", plan.throughput_recipe,
            "--ds-config", plan.throughput_ds, "--warmup", str(plan.warmup), "--repeats", str(plan.repeats),
            *(f"--set={o}" for o in plan.throughput_overrides), *(["--cpu"] if device.type == "cpu" else [])]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
     result = None
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):

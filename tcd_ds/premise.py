@@ -42,13 +42,14 @@ from typing import Any
 
 import yaml
 
+from tcd_ds import resources
 from tcd_ds.atomic import read_json, read_jsonl, write_json_atomic, write_text_atomic
 from tcd_ds.config import ConfigError, Section, apply_overrides, build_config, from_dict
 from tcd_ds.experiment_config import GlueConfig
 
 STEPS = ("pretrain", "transfer")
 
-RECIPES = Path(__file__).parent / "recipes" / "premise"
+RECIPES = resources.recipes("premise")
 
 
 @dataclass

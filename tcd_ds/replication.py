@@ -31,10 +31,11 @@ from typing import Any
 
 import yaml
 
+from tcd_ds import resources
 from tcd_ds.atomic import read_json, write_json_atomic, write_text_atomic
 from tcd_ds.config import ConfigError, Section, apply_overrides, from_dict
 
-RECIPES = Path(__file__).parent / "recipes" / "replication"
+RECIPES = resources.recipes("replication")
 ROLES = {"teacher": "teacher", "baseline": "baseline", "tcd": "student", "baseline_aligned": "aligned"}
 PRIMARY = ("per pre-training seed, the mean over fine-tuning seeds of GLUE avg (student - perf-aligned "
            "baseline); its mean over pre-training seeds with a t-interval on k - 1 degrees of freedom")

@@ -13,7 +13,11 @@ records), builds from it with small `build_*` functions and runs one loop (`trai
 """
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a file by the deepspeed launcher: make the package importable
+# Run as a file (`deepspeed tcd_ds/train.py`: the launcher starts each rank as `python -u <script>`),
+# the package this file belongs to goes first on the path: without it an uninstalled checkout cannot
+# import tcd_ds, and a checkout beside an editable install of another tree (a git worktree) would run
+# this file against the other tree's modules. `python -m tcd_ds.train` does not come here.
+if __package__ in (None, ""):
     import sys
     from pathlib import Path
 
@@ -36,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tcd_ds import checkpoint
+from tcd_ds import checkpoint, resources
 from tcd_ds.atomic import read_json, write_json_atomic
 from tcd_ds.config import (Config, ConfigError, DataConfig, ModelConfig, build_config, freeze, from_dict, to_dict,
                            with_values)
@@ -61,7 +65,6 @@ from tcd_ds.optim import GuardedAdamW, GuardedLambdaLR, build_optimizer
 from tcd_ds.locks import RunDirInUse, RunDirLock
 
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, OSError)
-REPO = Path(__file__).resolve().parents[1]
 REQUEUE_EXIT = 85  # exit status after a SIGTERM/SIGUSR1 save: "requeue me" (slurm.conf RequeueExit=85)
 NONFINITE_EXIT = 3
 
@@ -90,7 +93,7 @@ def auto_ds_config(device: torch.device, moe: bool = False, ranks: int = 2) -> s
     from tcd_ds.hardware import cpu_ds_config
 
     name = "ds_configs/gpu_zero2_bf16.json" if device.type == "cuda" else cpu_ds_config(moe=moe, ranks=ranks)
-    return str(REPO / name) if not Path(name).is_file() else name
+    return resources.ds_config(name)
 
 
 def load_ds_config(path: str, cfg: Config, device: torch.device, ranks: int = 1) -> dict:
@@ -101,7 +104,7 @@ def load_ds_config(path: str, cfg: Config, device: torch.device, ranks: int = 1)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"--deepspeed_config auto: {path}", file=sys.stderr, flush=True)
     try:
-        ds = json.loads(Path(path).read_text())
+        ds = json.loads(Path(resources.ds_config(path)).read_text())
     except FileNotFoundError:
         raise ConfigError(f"DeepSpeed config {path} does not exist") from None
     except json.JSONDecodeError as err:
