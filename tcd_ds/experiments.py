@@ -43,7 +43,7 @@ import yaml
 
 from tcd_ds import resources
 from tcd_ds.atomic import publish_dir, read_json, write_json_atomic, write_text_atomic
-from tcd_ds.cli import format_duration
+from tcd_ds.cli import fail, format_duration
 from tcd_ds.config import ConfigError, apply_overrides, build_config, from_dict, trained_vocab_size
 from tcd_ds.data.paths import looks_like_path
 from tcd_ds.dist import free_port
@@ -767,8 +767,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.dry_run:
             check_data(rc, steps)
     except ExperimentError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(err)
     out = Path(args.out or rc["out"] or f"runs/experiments/{name}")
     if args.dry_run:
         print(yaml.safe_dump({k: v for k, v in rc.items() if not k.startswith("_")}, sort_keys=False))
@@ -794,15 +793,13 @@ def main(argv: list[str] | None = None) -> dict:
             p.say(f"step {step}: finished in {format_duration(walls[step])}")
     except ExperimentError as err:
         p.say(f"error: {err}")
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+        fail(err, 1)
     except (Stopped, KeyboardInterrupt) as err:
         stopped = signal.Signals(err.signum if isinstance(err, Stopped) else signal.SIGINT)
         message = (f"stopped by {stopped.name} in step {p.step}: a training saves its checkpoint on the way out, a "
                    f"fine-tuning is ended; re-run the same command to resume")
         p.say(message)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(128 + stopped.value) from None
+        fail(message, 128 + stopped.value)
     finally:
         p.drain_quietly()
         if stopped and step_start is not None and p.step not in walls:  # the step running counts up to the signal

@@ -106,7 +106,7 @@ from torch import nn
 from tcd_ds import resources
 from tcd_ds.atomic import read_jsonl, write_json_atomic
 from tcd_ds.cli import Parser as _Parser
-from tcd_ds.cli import format_duration
+from tcd_ds.cli import fail, format_duration
 from tcd_ds.config import ConfigError, ModelConfig, Section, coerce, type_name
 from tcd_ds.data import glue
 from tcd_ds.data.glue import Example, GlueDataError, TaskSpec
@@ -718,8 +718,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return run_sweep(args)
     except (GlueDataError, CheckpointError, ConfigError, FinetuneError, FloatingPointError, OSError,
             RunDirInUse) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        fail(err)
 
 
 if __name__ == "__main__":

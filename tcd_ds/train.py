@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from tcd_ds import checkpoint, resources
 from tcd_ds.atomic import read_json, write_json_atomic
+from tcd_ds.cli import fail
 from tcd_ds.config import (Config, ConfigError, DataConfig, ModelConfig, build_config, freeze, from_dict, to_dict,
                            with_values)
 from tcd_ds.data.corpus import is_local_source
@@ -985,16 +986,13 @@ def main(argv: list[str] | None = None) -> dict:
         layout = detect_layout()
         run = resolve_run(cfg, args.deepspeed_config, args.resume, layout)
     except (*USER_ERRORS, RunDirInUse) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(err)
     try:
         summary = train(run, stop)
     except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(err)
     except NonFiniteError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(NONFINITE_EXIT) from None
+        fail(err, NONFINITE_EXIT)
     finally:
         if run.lock:
             run.lock.release()
