@@ -170,7 +170,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from tcd_ds.cli import Parser
+    from tcd_ds.cli import Parser, fail
 
     p = Parser(prog="python -m tcd_ds.analyze", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="run dir, export dir or Hugging Face BERT dir (dense or MoE)")
@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = analyze(args.model, args.teacher, args.corpus, args.sequences, args.seq_len, args.batch_size,
                          args.cache_dir)
     except (CheckpointError, FileNotFoundError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(err)
     print(format_table(result))
     if args.out:
         from tcd_ds.atomic import write_json_atomic

@@ -2,7 +2,9 @@
 
 - Bad input (a bad flag, a bad value, a missing or malformed file, a bad config key) prints ONE
   line, `error: <what and how to fix it>`, on stderr and exits with status 2: `Parser` does it for
-  argparse's own errors, `fail` / `exit_on` for the rest. No traceback for anything the user can fix.
+  argparse's own errors, `fail` / `exit_on` for the rest (`fail(err, status)` for a failure with
+  another status, `print_error` where the caller exits itself). No traceback for anything the user
+  can fix; no module prints `error:` by hand.
 - `--help` shows every option's default (`DefaultsFormatter`), unless the help text already names it.
 - Durations in progress lines and reports read `1h02m03s` or `2m03s` (`format_duration`).
 """
@@ -24,11 +26,17 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def fail(message: object) -> NoReturn:
-    """One `error:` line (the message's first line) on stderr, exit status 2."""
+def print_error(message: object) -> None:
+    """The `error:` line on stderr (flushed), for a caller that exits in its own way (another status,
+    only on one rank, after logging it elsewhere too); `fail` for the usual case."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def fail(message: object, status: int = USAGE_ERROR) -> NoReturn:
+    """One `error:` line (the message's first line) on stderr, then exit with `status` (2: bad input)."""
     text = str(message).strip().splitlines()
-    print(f"error: {text[0] if text else 'bad input'}", file=sys.stderr, flush=True)
-    raise SystemExit(USAGE_ERROR)
+    print_error(text[0] if text else "bad input")
+    raise SystemExit(status)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,11 @@ from pathlib import Path
 from types import UnionType
 from typing import Any
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
+from tcd_ds import resources
+from tcd_ds.distill import forms as relation_forms
+from tcd_ds.model.experts import registry as moe_backends
+
+RECIPES_DIR = resources.RECIPES
 
 
 class ConfigError(ValueError):
@@ -58,7 +62,7 @@ class MoEConfig(Section):
     z_loss_weight: float = 0.0  # router z-loss weight (ST-MoE); 0 disables it
     jitter: float = 0.0  # multiplicative router-input noise U(1-j, 1+j) in training (Switch)
     normalize_top_k: bool = True  # renormalise the k gate values to sum to 1 (top_k > 1)
-    backend: str = "torch"  # torch | grouped | deepspeed | megablocks
+    backend: str = "torch"  # a name of tcd_ds/model/experts/registry.py: torch | grouped | deepspeed | megablocks
     ep_size: int = 1  # expert-parallel world size (deepspeed backend)
 
     def validate(self) -> None:
@@ -74,14 +78,15 @@ class MoEConfig(Section):
             raise ConfigError("model.moe.capacity_factor and eval_capacity_factor must be >= 0 (0 = dropless)")
         if not 0 <= self.jitter < 1:
             raise ConfigError(f"model.moe.jitter must be in [0, 1), got {self.jitter}")
-        backends = ("torch", "grouped", "deepspeed", "megablocks")
+        backends = moe_backends.names()
         if self.backend not in backends:
             raise ConfigError(f"model.moe.backend must be one of {', '.join(backends)}, got {self.backend!r}")
         if self.ep_size < 1 or self.num_experts % self.ep_size:
             raise ConfigError(
                 f"model.moe.ep_size={self.ep_size} must divide model.moe.num_experts={self.num_experts}")
-        if self.ep_size > 1 and self.backend != "deepspeed":
-            raise ConfigError(f"model.moe.ep_size={self.ep_size} needs model.moe.backend=deepspeed "
+        if self.ep_size > 1 and not moe_backends.get(self.backend).expert_parallel:
+            raise ConfigError(f"model.moe.ep_size={self.ep_size} needs model.moe.backend="
+                              f"{' or '.join(moe_backends.expert_parallel())} "
                               f"(backend {self.backend!r} keeps all experts on every rank)")
 
 
@@ -149,7 +154,7 @@ class DistillConfig(Section):
     weight_t: float = 1.0
     weight_i: float = 1.0
     weight_a: float = 1.0
-    form: str = "mse"  # mse | kl
+    form: str = "mse"  # a name of tcd_ds/distill/forms.py: mse | kl
     tau: float = 1.0  # KL temperature
     impl: str = "auto"  # auto | naive | gram (the MSE fast path)
     include_embeddings: bool = True  # T also aligns the embedding output (layer 0)
@@ -164,12 +169,14 @@ class DistillConfig(Section):
         bad = set(self.positions) - set("TIA")
         if bad or not self.positions:
             raise ConfigError(f"distill.positions must be a non-empty subset of 'TIA', got {self.positions!r}")
-        if self.form not in ("mse", "kl"):
-            raise ConfigError(f"distill.form must be 'mse' or 'kl', got {self.form!r}")
-        if self.impl not in ("auto", "naive", "gram"):
+        if self.form not in relation_forms.names():
+            raise ConfigError(f"distill.form must be {' or '.join(map(repr, relation_forms.names()))}, got {self.form!r}")
+        if self.impl not in relation_forms.IMPLS:
             raise ConfigError(f"distill.impl must be auto, naive or gram, got {self.impl!r}")
-        if self.form == "kl" and self.impl == "gram":
-            raise ConfigError("distill.impl=gram is the MSE fast path; use impl=auto or naive with form=kl")
+        if self.impl != "auto" and self.impl not in relation_forms.get(self.form).impls:
+            raise ConfigError(f"distill.impl={self.impl} is only implemented for distill.form="
+                              f"{' or '.join(relation_forms.with_impl(self.impl))}; use impl=auto or naive with "
+                              f"form={self.form}")
         if self.tau <= 0:
             raise ConfigError(f"distill.tau must be > 0, got {self.tau}")
 

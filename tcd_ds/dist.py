@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tcd_ds.cli import fail, print_error
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -227,8 +229,7 @@ LAUNCH_MODULE = "deepspeed.launcher.launch"  # the per-node process that spawns 
 
 def port_clash(port: int, how: str = "deepspeed --master_port <free port> ...") -> SystemExit:
     """The rendezvous port is taken: print one line naming the way out; raise the result (status 2)."""
-    print(f"error: port {port} is already in use on this host (another job's rendezvous?); "
-          f"pick a free one: {how}", file=sys.stderr, flush=True)
+    print_error(f"port {port} is already in use on this host (another job's rendezvous?); pick a free one: {how}")
     return SystemExit(2)
 
 
@@ -329,9 +330,7 @@ def _wait_published(path: Path, launcher_pid: int, timeout_s: float) -> dict:
         if os.getppid() != launcher_pid:  # the launcher is gone: nothing to wait for
             raise SystemExit(2)
         if time.monotonic() > deadline:
-            print(f"error: local rank 0 did not publish its rendezvous port in {path} within {timeout_s:.0f} s",
-                  file=sys.stderr, flush=True)
-            raise SystemExit(2)
+            fail(f"local rank 0 did not publish its rendezvous port in {path} within {timeout_s:.0f} s")
         time.sleep(0.05)
 
 
@@ -393,9 +392,9 @@ def announce_comm_op_build(layout: Layout) -> None:
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None and shutil.which("g++") is None:
         if layout.local_rank == 0:
-            print(f"error: DeepSpeed must compile its CPU comm op (deepspeed_shm_comm) on the first launch in "
-                  f"this environment, but there is no C++ compiler ({cxx}, g++) on PATH: install g++ "
-                  f"(e.g. apt-get install g++)", file=sys.stderr, flush=True)
+            print_error(f"DeepSpeed must compile its CPU comm op (deepspeed_shm_comm) on the first launch in "
+                        f"this environment, but there is no C++ compiler ({cxx}, g++) on PATH: install g++ "
+                        f"(e.g. apt-get install g++)")
         raise SystemExit(2)
     if layout.local_rank == 0:
         print(f"first launch in this environment: DeepSpeed compiles its CPU shared-memory comm op "

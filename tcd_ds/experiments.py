@@ -41,8 +41,9 @@ from typing import Any
 
 import yaml
 
+from tcd_ds import resources
 from tcd_ds.atomic import publish_dir, read_json, write_json_atomic, write_text_atomic
-from tcd_ds.cli import format_duration
+from tcd_ds.cli import fail, format_duration
 from tcd_ds.config import ConfigError, apply_overrides, build_config, from_dict, trained_vocab_size
 from tcd_ds.data.paths import looks_like_path
 from tcd_ds.dist import free_port
@@ -51,8 +52,7 @@ from tcd_ds.experiment_layout import (
     STEPS, aligned_dir, analyzed_models, glue_models, random_init_dir, run_dirs, task_settings, trend_from_glue,
     trend_steps)
 
-RECIPES = Path(__file__).parent / "recipes" / "experiments"
-REPO = Path(__file__).resolve().parents[1]
+RECIPES = resources.recipes("experiments")
 TRAIN_PY = Path(__file__).parent / "train.py"
 FREE = ("pretrain", "teacher")  # free sections of trainer keys (validated by tcd_ds.config), any depth
 RESERVED = ("mode", "run_dir", "teacher.path")  # set by the pipeline
@@ -135,9 +135,9 @@ def resolve_ds_config(value: str, out: Path, ranks: int = 2) -> tuple[str, str]:
 
 
 def _ds_config(path: str) -> Path:
-    for p in (Path(path), REPO / path):
-        if p.is_file():
-            return p
+    found = Path(resources.ds_config(path))  # a path of the user's, or a shipped ds_configs/ file
+    if found.is_file():
+        return found
     raise ExperimentError(f"ds_config {path} does not exist")
 
 
@@ -767,8 +767,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.dry_run:
             check_data(rc, steps)
     except ExperimentError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(err)
     out = Path(args.out or rc["out"] or f"runs/experiments/{name}")
     if args.dry_run:
         print(yaml.safe_dump({k: v for k, v in rc.items() if not k.startswith("_")}, sort_keys=False))
@@ -794,15 +793,13 @@ def main(argv: list[str] | None = None) -> dict:
             p.say(f"step {step}: finished in {format_duration(walls[step])}")
     except ExperimentError as err:
         p.say(f"error: {err}")
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+        fail(err, 1)
     except (Stopped, KeyboardInterrupt) as err:
         stopped = signal.Signals(err.signum if isinstance(err, Stopped) else signal.SIGINT)
         message = (f"stopped by {stopped.name} in step {p.step}: a training saves its checkpoint on the way out, a "
                    f"fine-tuning is ended; re-run the same command to resume")
         p.say(message)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(128 + stopped.value) from None
+        fail(message, 128 + stopped.value)
     finally:
         p.drain_quietly()
         if stopped and step_start is not None and p.step not in walls:  # the step running counts up to the signal

@@ -112,9 +112,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from tcd_ds import resources
 from tcd_ds.atomic import read_jsonl, write_atomic, write_json_atomic
 from tcd_ds.cli import Parser as _Parser
-from tcd_ds.cli import format_duration
+from tcd_ds.cli import fail, format_duration
 from tcd_ds.config import ConfigError, ModelConfig, Section, coerce, type_name
 from tcd_ds.data import glue
 from tcd_ds.data.glue import Example, GlueDataError, TaskSpec
@@ -610,7 +611,7 @@ def _resolve_vocab(args: FinetuneArgs) -> str:
     inside = Path(args.model) / VOCAB_FILENAME
     if inside.is_file():
         return str(inside)
-    beside_repo = Path(__file__).resolve().parents[1] / DEFAULT_VOCAB  # when run from elsewhere
+    beside_repo = resources.ROOT / DEFAULT_VOCAB  # when run from elsewhere
     return DEFAULT_VOCAB if Path(DEFAULT_VOCAB).is_file() or not beside_repo.is_file() else str(beside_repo)
 
 
@@ -818,8 +819,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise SystemExit(REQUEUE_EXIT) from None
         except (GlueDataError, CheckpointError, ConfigError, FinetuneError, FloatingPointError, OSError,
                 RunDirInUse) as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
+            fail(err)
 
 
 if __name__ == "__main__":

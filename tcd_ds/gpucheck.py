@@ -3,8 +3,8 @@
 Four checks, each a function of `device`, so the same code runs on CPU (small sizes, in CI:
 tests/test_gpucheck.py) and on a GPU (the sizes below, under 8 minutes on one GPU):
 
-1. `check_backends`: each MoE backend present (torch, grouped, deepspeed, megablocks when it imports
-   and builds) loaded with the same canonical weights, forward + backward of `sum(y * g) + aux` on the
+1. `check_backends`: each MoE backend registered (`tcd_ds/model/experts/registry.py`: torch, grouped,
+   deepspeed, megablocks when it imports and builds) loaded with the same canonical weights, forward + backward of `sum(y * g) + aux` on the
    same tokens; output, input gradient and every weight gradient equal the `torch` backend's at the
    same dtype within `TOLERANCES[dtype]` (relative Frobenius error, and max error over the reference's
    max). The `torch` backend's own error against its fp32 run is printed beside it (the dtype's noise
@@ -47,9 +47,9 @@ from typing import Any, Callable, Iterator
 import torch
 
 from tcd_ds.dist import free_port
+from tcd_ds.model.experts import registry
+from tcd_ds.resources import DS_CONFIGS, ROOT
 
-REPO = Path(__file__).resolve().parents[1]
-DS_CONFIGS = REPO / "ds_configs"
 # (relative Frobenius error, max abs error / max |reference|) of a backend against the torch backend
 TOLERANCES = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (2e-2, 6e-2), torch.float16: (4e-3, 1e-2)}
 # (max abs error of a relation matrix entry, relative error of L_T / L_I / L_A) against the fp32 teacher
@@ -186,49 +186,32 @@ def _moe_config(backend: str, experts: int, hidden: int, ffn: int, top_k: int):
 
 def build_backend(backend: str, experts: int, hidden: int, ffn: int, top_k: int,
                   sd: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """An MoE layer of `backend` holding the canonical weights `sd` (raises if it cannot be built here)."""
+    """An MoE layer of `backend` holding the canonical weights `sd` (raises if it cannot be built here):
+    through its `load_canonical_state_dict` where it has one, else its parameters are the canonical ones."""
     from tcd_ds.model.moe import build_moe
 
     layer = build_moe(_moe_config(backend, experts, hidden, ffn, top_k))
-    if backend in ("torch", "grouped"):
-        with torch.no_grad():
-            layer.router.weight.copy_(sd["router.weight"])
-            for k in ("w1", "b1", "w2", "b2"):
-                getattr(layer.experts, k).copy_(sd[f"experts.{k}"])
-    else:
+    if hasattr(layer, "load_canonical_state_dict"):
         layer.load_canonical_state_dict(sd)
+    else:
+        layer.load_state_dict(sd)
     return layer
 
 
-def canonical_grads(backend: str, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameter gradients of `layer` in the canonical layout (megablocks: no expert biases)."""
-    if backend in ("torch", "grouped"):
-        return {"router.weight": layer.router.weight.grad,
-                **{f"experts.{k}": getattr(layer.experts, k).grad for k in ("w1", "b1", "w2", "b2")}}
-    if backend == "deepspeed":
-        fc1 = [e.fc1 for e in layer.local_experts]
-        fc2 = [e.fc2 for e in layer.local_experts]
-        return {"router.weight": layer.gate.weight.grad,
-                "experts.w1": torch.stack([m.weight.grad.t() for m in fc1]),
-                "experts.b1": torch.stack([m.bias.grad for m in fc1]),
-                "experts.w2": torch.stack([m.weight.grad.t() for m in fc2]),
-                "experts.b2": torch.stack([m.bias.grad for m in fc2])}
-    from tcd_ds.model.experts.dropless import megablocks_to_canonical
-
-    w1, w2 = megablocks_to_canonical(layer.mlp.w1.grad, layer.mlp.w2.grad, layer.num_experts)
-    return {"router.weight": layer.router_weight.grad, "experts.w1": w1, "experts.w2": w2}
+def canonical_grads(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameter gradients of `layer` in the canonical layout (its `canonical_grads` where it has one)."""
+    if hasattr(layer, "canonical_grads"):
+        return layer.canonical_grads()
+    return {name: p.grad for name, p in layer.named_parameters()}
 
 
-def _route_hook(backend: str, layer: torch.nn.Module, top_k: int, seen: dict) -> Any:
-    """Capture the [T, k] experts each token was routed to (sorted, so the order of the k is moot)."""
+def _route_hook(layer: torch.nn.Module, top_k: int, seen: dict) -> Any:
+    """Capture the [T, k] experts each token was routed to (sorted, so the order of the k is moot), where
+    the backend offers a `route_hook`."""
     def keep(expert):
         seen["route"] = expert.reshape(-1, top_k).sort(dim=-1).values
 
-    if backend in ("torch", "grouped"):
-        return layer.router.register_forward_hook(lambda m, a, out: keep(out.expert))
-    if backend == "megablocks":
-        return layer.dmoe.router.register_forward_hook(lambda m, a, out: keep(out[2]))
-    return None
+    return layer.route_hook(keep) if hasattr(layer, "route_hook") else None
 
 
 def run_backend(backend: str, layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, top_k: int
@@ -236,7 +219,7 @@ def run_backend(backend: str, layer: torch.nn.Module, x: torch.Tensor, g: torch.
     """Forward + backward of `sum(y * g) + stats.loss`: y, the input gradient, the weight gradients,
     the balance loss, the counts and the routes (None where the backend's router is not hooked)."""
     seen: dict = {}
-    handle = _route_hook(backend, layer, top_k, seen)
+    handle = _route_hook(layer, top_k, seen)
     x = x.detach().clone().requires_grad_(True)
     try:
         y, stats = layer(x)
@@ -244,36 +227,13 @@ def run_backend(backend: str, layer: torch.nn.Module, x: torch.Tensor, g: torch.
     finally:
         if handle is not None:
             handle.remove()
-    return {"y": y.detach(), "dx": x.grad, "grads": canonical_grads(backend, layer),
+    return {"y": y.detach(), "dx": x.grad, "grads": canonical_grads(layer),
             "balance": stats.balance_loss.detach(), "counts": stats.counts, "route": seen.get("route")}
 
 
 def available_backends(device: torch.device) -> dict[str, str | None]:
-    """Backend -> None when it can be tried here, or why not."""
-    import importlib.util
-
-    import torch.nn.functional as F
-
-    out: dict[str, str | None] = {"torch": None, "grouped": None if hasattr(F, "grouped_mm") else
-                                  f"torch {torch.__version__} has no grouped_mm"}
-    try:
-        import deepspeed  # noqa: F401
-        out["deepspeed"] = None
-    except Exception as err:  # noqa: BLE001
-        out["deepspeed"] = f"deepspeed does not import: {str(err).splitlines()[0]}"
-    if device.type != "cuda":
-        out["megablocks"] = "needs an NVIDIA GPU"
-    elif importlib.util.find_spec("megablocks") is None:
-        out["megablocks"] = "megablocks is not installed"
-    else:
-        try:  # what MegaBlocksMoE needs: the layers and the grouped_gemm kernels
-            from megablocks import grouped_gemm_util
-            from megablocks.layers.dmoe import dMoE  # noqa: F401
-            ok = grouped_gemm_util.grouped_gemm_is_available()
-            out["megablocks"] = None if ok else "megablocks is installed without its grouped_gemm kernels"
-        except Exception as err:  # noqa: BLE001
-            out["megablocks"] = f"megablocks does not import: {str(err).splitlines()[0] if str(err) else err!r}"
-    return out
+    """Every registered backend -> None when it can be tried here, or why not."""
+    return {name: registry.unavailable(name, device.type) for name in registry.names()}
 
 
 def _compare(backend: str, out: dict, ref: dict, hidden: int, tag: str, rel_tol: float,
@@ -283,7 +243,8 @@ def _compare(backend: str, out: dict, ref: dict, hidden: int, tag: str, rel_tol:
     naming the tensor that differs beyond the tolerances. Returns the relative errors."""
     errors: dict[str, float] = {}
     rows = slice(None)
-    if out["route"] is not None and backend == "megablocks":
+    exact = registry.get(backend).exact_routing
+    if out["route"] is not None and not exact:
         same = (out["route"] == ref["route"]).all(dim=-1)
         errors["same_route"] = float(same.float().mean())
         assert errors["same_route"] >= MIN_SAME_ROUTE, (
@@ -294,7 +255,7 @@ def _compare(backend: str, out: dict, ref: dict, hidden: int, tag: str, rel_tol:
         assert torch.equal(out["counts"].cpu(), ref["counts"].cpu()), f"{backend} ({tag}): counts differ"
     pairs = {"y": (out["y"].reshape(-1, hidden)[rows], ref["y"].reshape(-1, hidden)[rows]),
              "dx": (out["dx"].reshape(-1, hidden)[rows], ref["dx"].reshape(-1, hidden)[rows])}
-    if backend != "megablocks":  # its weight gradients mix in the tokens it routes elsewhere
+    if exact:  # otherwise its weight gradients mix in the tokens it routes elsewhere
         pairs["balance"] = (out["balance"].reshape(1), ref["balance"].reshape(1))
         pairs.update({name: (grad, ref["grads"][name]) for name, grad in out["grads"].items()})
     for name, (a, b) in pairs.items():
@@ -343,15 +304,16 @@ def check_backends(device: torch.device, dtype: torch.dtype, experts: int, hidde
         if avail.get(backend):
             log(f"backends {tag}: {backend} skipped ({avail[backend]})")
             continue
-        biases = backend != "megablocks"  # MegaBlocks' experts have no biases
+        spec = registry.get(backend)
+        biases = spec.biases  # MegaBlocks' experts have none
         ref = reference(biases)
         sd = canonical_weights(experts, hidden, ffn, biases=biases)
         try:
             layer = build_backend(backend, experts, hidden, ffn, top_k, sd)
         except RuntimeError as err:
-            if backend != "megablocks":
+            if spec.package is None:  # a backend on an optional package may still fail to build
                 raise
-            log(f"backends {tag}: megablocks skipped ({str(err).splitlines()[0]})")
+            log(f"backends {tag}: {backend} skipped ({str(err).splitlines()[0]})")
             continue
         out = run_backend(backend, layer.to(device=device, dtype=dtype), x, g, top_k)
         errors = _compare(backend, out, ref, hidden, tag, rel_tol, max_tol)
@@ -586,7 +548,7 @@ def _throughput_child(backend: str, plan: Plan, timeout_s: float, device: torch.
     cmd = [sys.executable, "-m", "tcd_ds.gpucheck", "--throughput", backend, "--recipe", plan.throughput_recipe,
            "--ds-config", plan.throughput_ds, "--warmup", str(plan.warmup), "--repeats", str(plan.repeats),
            *(f"--set={o}" for o in plan.throughput_overrides), *(["--cpu"] if device.type == "cpu" else [])]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
     result = None
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
@@ -632,9 +594,9 @@ def run_all(device: torch.device, plan: Plan, deadline_s: float = 450.0, log: Ca
                 device, dtype, plan.teacher_recipe, plan.teacher_batch, log=log))
         avail = available_backends(device)
         for precision in plan.step_precisions:
-            for backend in ("torch", "grouped", "deepspeed", "megablocks"):
-                if avail.get(backend) or (backend == "megablocks" and precision != "bf16"):
-                    continue  # megablocks without bf16 is refused by load_ds_config
+            for backend, why_not in avail.items():
+                if why_not or precision not in registry.get(backend).dtypes:
+                    continue  # e.g. megablocks without bf16 is refused by load_ds_config
                 attempt(f"tcd_steps/{precision}/{backend}", lambda: check_tcd_steps(
                     device, precision, backend, plan.step_recipe, plan.steps, plan.step_overrides, log=log))
     for backend in plan.throughput_backends:  # each in a child process: its memory goes back with it

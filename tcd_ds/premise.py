@@ -42,13 +42,15 @@ from typing import Any
 
 import yaml
 
+from tcd_ds import resources
 from tcd_ds.atomic import read_json, read_jsonl, write_json_atomic, write_text_atomic
+from tcd_ds.cli import fail
 from tcd_ds.config import ConfigError, Section, apply_overrides, build_config, from_dict
 from tcd_ds.experiment_config import GlueConfig
 
 STEPS = ("pretrain", "transfer")
 
-RECIPES = Path(__file__).parent / "recipes" / "premise"
+RECIPES = resources.recipes("premise")
 
 
 @dataclass
@@ -399,8 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
         if bad := [x for x in only or [] if x not in rc["variants"]]:
             raise ExperimentError(f"--variants: {bad[0]!r} is not a variant of the recipe ({', '.join(rc['variants'])})")
     except ExperimentError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(err)
     out = Path(args.out or rc["out"] or f"runs/premise/{name}")
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m tcd_ds.premise " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -416,13 +417,11 @@ def main(argv: list[str] | None = None) -> dict:
                 p.step = "transfer"
                 transfer(p, rc, out, analyze(rc, out))
         except ExperimentError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(1) from None
+            fail(err, 1)
         except (Stopped, KeyboardInterrupt) as err:
             sig = signal.Signals(err.signum if isinstance(err, Stopped) else signal.SIGINT)
-            print(f"error: stopped by {sig.name}: the trainers saved their checkpoints; re-run the same command to "
-                  "resume", file=sys.stderr)
-            raise SystemExit(128 + sig.value) from None
+            fail(f"stopped by {sig.name}: the trainers saved their checkpoints; re-run the same command to resume",
+                 128 + sig.value)
         finally:
             p.drain_quietly()
             for sig, handler in previous.items():

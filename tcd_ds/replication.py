@@ -31,10 +31,12 @@ from typing import Any
 
 import yaml
 
+from tcd_ds import resources
 from tcd_ds.atomic import read_json, write_json_atomic, write_text_atomic
+from tcd_ds.cli import fail
 from tcd_ds.config import ConfigError, Section, apply_overrides, from_dict
 
-RECIPES = Path(__file__).parent / "recipes" / "replication"
+RECIPES = resources.recipes("replication")
 ROLES = {"teacher": "teacher", "baseline": "baseline", "tcd": "student", "baseline_aligned": "aligned"}
 PRIMARY = ("per pre-training seed, the mean over fine-tuning seeds of GLUE avg (student - perf-aligned "
            "baseline); its mean over pre-training seeds with a t-interval on k - 1 degrees of freedom")
@@ -242,8 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         if bad := [s for s in seeds if s not in rc["pretrain_seeds"]]:
             raise ExperimentError(f"--seeds: {bad[0]} is not one of the recipe's pretrain_seeds {rc['pretrain_seeds']}")
     except (ExperimentError, ValueError) as err:
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(err)
     out = Path(args.out or rc["out"] or f"runs/replication/{name}")
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m tcd_ds.replication " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -254,8 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"replication: pre-training seed {seed} -> {out / f'seed-{seed}'}", flush=True)
                 run_seed(rc, out, seed)
         except ExperimentError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(1) from None
+            fail(err, 1)
     res = analyze(rc, out)
     write_json_atomic(out / "results.json", {**res, "recipe": rc})
     write_text_atomic(out / "report.md", report(rc, res, command))

@@ -13,7 +13,11 @@ records), builds from it with small `build_*` functions and runs one loop (`trai
 """
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a file by the deepspeed launcher: make the package importable
+# Run as a file (`deepspeed tcd_ds/train.py`: the launcher starts each rank as `python -u <script>`),
+# the package this file belongs to goes first on the path: without it an uninstalled checkout cannot
+# import tcd_ds, and a checkout beside an editable install of another tree (a git worktree) would run
+# this file against the other tree's modules. `python -m tcd_ds.train` does not come here.
+if __package__ in (None, ""):
     import sys
     from pathlib import Path
 
@@ -36,8 +40,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tcd_ds import checkpoint
+from tcd_ds import checkpoint, resources
 from tcd_ds.atomic import read_json, write_json_atomic
+from tcd_ds.cli import fail
 from tcd_ds.config import (Config, ConfigError, DataConfig, ModelConfig, build_config, freeze, from_dict, to_dict,
                            with_values)
 from tcd_ds.data.corpus import is_local_source
@@ -54,13 +59,13 @@ from tcd_ds.distill.teacher import (FrozenTeacher, check_teacher_positions, load
 from tcd_ds.hardware import bf16_warning
 from tcd_ds.memory import format_plan, memory_plan
 from tcd_ds.model.bert import BertForMaskedLM, flops_per_token, num_parameters
+from tcd_ds.model.experts import registry as moe_backends
 from tcd_ds.model.hf import CheckpointError, config_to_hf
 from tcd_ds.monitor import MetricsLog, Monitor, measure_matmul_peak, quiet_known_warnings, run_summary_block
 from tcd_ds.optim import GuardedAdamW, GuardedLambdaLR, build_optimizer
 from tcd_ds.locks import RunDirInUse, RunDirLock
 
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, OSError)
-REPO = Path(__file__).resolve().parents[1]
 REQUEUE_EXIT = 85  # exit status after a SIGTERM/SIGUSR1 save: "requeue me" (slurm.conf RequeueExit=85)
 NONFINITE_EXIT = 3
 
@@ -89,7 +94,7 @@ def auto_ds_config(device: torch.device, moe: bool = False, ranks: int = 2) -> s
     from tcd_ds.hardware import cpu_ds_config
 
     name = "ds_configs/gpu_zero2_bf16.json" if device.type == "cuda" else cpu_ds_config(moe=moe, ranks=ranks)
-    return str(REPO / name) if not Path(name).is_file() else name
+    return resources.ds_config(name)
 
 
 def load_ds_config(path: str, cfg: Config, device: torch.device, ranks: int = 1) -> dict:
@@ -100,7 +105,7 @@ def load_ds_config(path: str, cfg: Config, device: torch.device, ranks: int = 1)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"--deepspeed_config auto: {path}", file=sys.stderr, flush=True)
     try:
-        ds = json.loads(Path(path).read_text())
+        ds = json.loads(Path(resources.ds_config(path)).read_text())
     except FileNotFoundError:
         raise ConfigError(f"DeepSpeed config {path} does not exist") from None
     except json.JSONDecodeError as err:
@@ -110,11 +115,9 @@ def load_ds_config(path: str, cfg: Config, device: torch.device, ranks: int = 1)
         raise ConfigError(f"{path}: zero_optimization.compute_grad_norm=false: the trainer's skip guard needs ZeRO's "
                           "global gradient norm to skip a step with a non-finite gradient in any parameter group; "
                           "remove the key")
-    uses_ds_moe = cfg.mode != "vanilla" and cfg.model.moe.backend == "deepspeed"
-    if stage == 3 and uses_ds_moe:
-        raise ConfigError(f"{path}: ZeRO stage 3 is not supported with DeepSpeed-MoE; use stage 1 or 2")
     if stage == 3 and cfg.mode != "vanilla":
-        raise ConfigError(f"{path}: ZeRO stage 3 is not supported for MoE models here; use stage 1 or 2")
+        raise ConfigError(f"{path}: ZeRO stage 3 is not supported {moe_backends.get(cfg.model.moe.backend).zero3}; "
+                          "use stage 1 or 2")
     if ds.get("fp16", {}).get("enabled") and device.type == "cpu":
         raise ConfigError(f"{path}: fp16 is not supported on CPU; use a bf16 or fp32 config (ds_configs/cpu_*.json)")
     check_gpu_paths(path, ds, cfg, device)
@@ -133,25 +136,17 @@ def load_ds_config(path: str, cfg: Config, device: torch.device, ranks: int = 1)
 
 
 def check_gpu_paths(path: str, ds: dict, cfg: Config, device: torch.device) -> None:
-    """Refuse the device/precision/backend combinations that cannot run, before any compute (docs/gpu.md
-    lists every GPU combination and how it is covered). The `grouped` backend is not refused in fp16 or
+    """Refuse the device/precision/backend combinations that cannot run, before any compute: what the
+    backend's registry entry needs (tcd_ds/model/experts/registry.py; docs/gpu.md lists every GPU
+    combination and how it is covered). The `grouped` backend is not refused in fp16 or
     fp32 on CUDA: torch 2.13's grouped_mm takes fp32/bf16/fp16 there (`_grouped_mm_validate_inputs`),
     with bf16 on SM90/SM100 on the fast kernel and everything else on its per-group mm fallback."""
-    if cfg.mode == "vanilla" or cfg.model.moe.backend != "megablocks":
+    if cfg.mode == "vanilla":
         return
-    import importlib.util
-
-    if device.type != "cuda":
-        raise ConfigError(f"model.moe.backend=megablocks needs an NVIDIA GPU and this run is on {device.type}: "
-                          "set model.moe.backend=grouped (dropless grouped matmuls) or torch")
-    if importlib.util.find_spec("megablocks") is None:
-        raise ConfigError("model.moe.backend=megablocks needs the megablocks package, which is not installed: "
-                          "pip install -r requirements-gpu.txt, or set model.moe.backend=grouped")
-    if not ds.get("bf16", {}).get("enabled"):
-        precision = "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
-        raise ConfigError(f"{path}: model.moe.backend=megablocks runs MegaBlocks' grouped GEMMs, which take bf16 "
-                          f"only, but this config trains in {precision}: enable \"bf16\" in the DeepSpeed config "
-                          "(e.g. ds_configs/gpu_zero2_bf16.json) or set model.moe.backend=grouped")
+    precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+    refused = moe_backends.refusal(cfg.model.moe.backend, device.type, precision, path)
+    if refused:
+        raise ConfigError(refused)
 
 
 def check_parallel(cfg: Config, layout: Layout) -> None:
@@ -991,16 +986,13 @@ def main(argv: list[str] | None = None) -> dict:
         layout = detect_layout()
         run = resolve_run(cfg, args.deepspeed_config, args.resume, layout)
     except (*USER_ERRORS, RunDirInUse) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(err)
     try:
         summary = train(run, stop)
     except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(err)
     except NonFiniteError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(NONFINITE_EXIT) from None
+        fail(err, NONFINITE_EXIT)
     finally:
         if run.lock:
             run.lock.release()

@@ -51,12 +51,12 @@ def _canonical(ref: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _ref_grads(ref: nn.Module) -> dict[str, torch.Tensor]:
-    return canonical_grads("torch", ref)
+    return canonical_grads(ref)
 
 
 def _ds_grads(ds: DeepSpeedMoE) -> dict[str, torch.Tensor]:
     """DeepSpeed's parameter gradients in the canonical layout (like canonical_state_dict)."""
-    return canonical_grads("deepspeed", ds)
+    return canonical_grads(ds)
 
 
 def _inputs(seed: int, shape=(3, 10, H)) -> tuple[torch.Tensor, torch.Tensor]:

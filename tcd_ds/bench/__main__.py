@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 
 from tcd_ds.bench.common import fmt, loadavg, machine_info, md_table
-from tcd_ds.cli import Parser, fail
+from tcd_ds.cli import Parser, fail, print_error
 
 SECTIONS = ("relation", "moe", "step", "scaling", "peer", "finetune", "trainer")
 
@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            step_recipes=args.step_recipes.split(",") if args.step_recipes else None,
                            command=command.strip())
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err)
         return 2
     if previous is not None:
         result = merge(previous, result)

@@ -1,7 +1,7 @@
 """Benchmark: one MoE FFN layer forward+backward per backend, against a dense FFN of the same active size.
 
-Backends: `torch` (reference: tokens sorted by expert, a loop over experts), `grouped`
-(`grouped_mm`), `deepspeed` (`deepspeed.moe.layer.MoE` in a world-of-one gloo group with
+Backends (those of `tcd_ds/model/experts/registry.py`): `torch` (reference: tokens sorted by expert, a
+loop over experts), `grouped` (`grouped_mm`), `deepspeed` (`deepspeed.moe.layer.MoE` in a world-of-one gloo group with
 `ep_size=1`) and `megablocks` (NVIDIA GPUs only: skipped, with the reason, elsewhere). Top-1,
 dropless, 8 and 64 experts; the dense FFN is `Intermediate` + `ResidualOutput.dense` of the model
 (H -> F -> H, the same FLOPs as one expert per token). Every MoE variant holds the same canonical
@@ -17,13 +17,14 @@ from typing import Any
 import torch
 
 from tcd_ds.bench.common import md_table, target, time_interleaved
+from tcd_ds.model.experts import registry
 
 # shape name -> (hidden, intermediate, batch, seq)
 FULL = {"shapes": {"small (H=128, F=512)": (128, 512, 32, 128), "base (H=768, F=3072)": (768, 3072, 8, 128)},
         "experts": (8, 64), "warmup": 3, "repeats": 31, "budget_s": 30.0}
 QUICK = {"shapes": {"quick (H=32, F=64)": (32, 64, 4, 32)}, "experts": (8, 64), "warmup": 1, "repeats": 3,
          "budget_s": 1.0}
-BACKENDS = ("torch", "grouped", "deepspeed", "megablocks")
+BACKENDS = registry.names()
 
 
 class _WorldOfOne:
@@ -74,7 +75,7 @@ def _layers(hidden: int, inter: int, experts: int) -> tuple[dict[str, Any], dict
 
     layers: dict[str, Any] = {"dense": DenseFFN()}
     skipped: dict[str, str] = {}
-    ref, ref_sd = None, None
+    ref_sd = None
     for backend in BACKENDS:
         mcfg = ModelConfig(hidden_size=hidden, num_heads=1, intermediate_size=inter,
                            moe=MoEConfig(num_experts=experts, top_k=1, backend=backend))
@@ -85,13 +86,12 @@ def _layers(hidden: int, inter: int, experts: int) -> tuple[dict[str, Any], dict
             continue
         if backend == "torch":
             layer.reset_expert_parameters(0.02)
-            ref = layer
             ref_sd = {"router.weight": layer.router.weight.detach(),
                       **{f"experts.{k}": getattr(layer.experts, k).detach() for k in ("w1", "b1", "w2", "b2")}}
-        elif backend == "grouped":
-            layer.load_state_dict(ref.state_dict())
         elif hasattr(layer, "load_canonical_state_dict"):
             layer.load_canonical_state_dict(ref_sd)
+        else:  # its parameters are the canonical ones (grouped)
+            layer.load_state_dict(ref_sd)
         layers[backend] = layer.train()
     return layers, skipped
 

@@ -54,6 +54,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tcd_ds.resources import ROOT
+
 VARIANTS = ("naive", "gram", "auto", "naive_autograd", "gram_autograd")
 BATCH = 8
 FULL = {"seq_lens": (128, 512), "dims": (64, 128, 768), "warmup": 2, "repeats": 30, "budget_s": 8.0}
@@ -63,7 +65,6 @@ ROW_KEYS = (
     "seq_len", "dim", "batch", "variant", "impl", "median_ms", "min_ms", "repeats",
     "peak_mib", "mem_method", "loss",
 )
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- measurement (worker side)
@@ -198,7 +199,7 @@ def _worker(specs: list[dict[str, Any]]) -> None:
 def _spawn(specs: list[dict[str, Any]]) -> dict[str, Any]:
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(
         [sys.executable, "-m", "tcd_ds.bench.relation", "--worker", json.dumps(specs)],
         capture_output=True, text=True, env=env, check=False,

@@ -30,8 +30,8 @@ from typing import Any
 
 from tcd_ds.bench.common import md_table
 from tcd_ds.dist import free_port
+from tcd_ds.resources import ROOT
 
-REPO = Path(__file__).resolve().parents[2]
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 # launches: (ranks, OMP threads per rank)
 FULL = {"launches": ((1, 1), (2, 1), (1, _CORES)), "steps": 40, "log_every": 5, "recipe": "tiny", "mode": "moe",
@@ -46,7 +46,7 @@ def launcher() -> list[str]:
 
 
 def command(ranks: int, run_dir: Path, cfg: dict[str, Any], cache_dir: str) -> list[str]:
-    shared = REPO.parent / "shared" / "data"
+    shared = ROOT.parent / "shared" / "data"
     data = []
     if shared.is_dir():
         data = [f"data.corpus={shared / 'wikipedia-en-2015'}",
@@ -62,9 +62,9 @@ def command(ranks: int, run_dir: Path, cfg: dict[str, Any], cache_dir: str) -> l
 
 def launch(ranks: int, threads: int, run_dir: Path, cfg: dict[str, Any], cache_dir: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     log = open(run_dir / "launch.log", "w")
-    proc = subprocess.Popen(command(ranks, run_dir / "run", cfg, cache_dir), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(command(ranks, run_dir / "run", cfg, cache_dir), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env=env, start_new_session=True)
     proc.log, proc.omp = log, env["OMP_NUM_THREADS"]  # type: ignore[attr-defined]
     return proc
@@ -102,7 +102,7 @@ class Launches:
 
     def __init__(self, quick: bool = False):
         self.quick, self.cfg = quick, QUICK if quick else FULL
-        self.cache_dir = str(REPO / ".cache" / "tcd_ds")
+        self.cache_dir = str(ROOT / ".cache" / "tcd_ds")
         self.tmp = tempfile.TemporaryDirectory(prefix="tcd-bench-scaling-")
         self.commands: list[str] = []
         self.started: list[tuple] = []

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from tcd_ds.bench.common import md_table, target
-from tcd_ds.bench.scaling import REPO, command, launch
+from tcd_ds.bench.scaling import command, launch
+from tcd_ds.resources import ROOT
 
 PHASES = ("data", "student", "teacher", "relation", "backward", "optimizer")
 MODES = ("vanilla", "moe", "tcd")
@@ -128,7 +129,7 @@ def run(quick: bool = False) -> tuple[list[dict[str, Any]], dict[str, float]]:
     cfg = QUICK if quick else FULL
     peaks = matmul_peaks()
     dtypes = ["fp32", "bf16"] if cpu_bf16_native() else ["fp32"]
-    cache = str(REPO / ".cache" / "tcd_ds")
+    cache = str(ROOT / ".cache" / "tcd_ds")
     rows = []
     with tempfile.TemporaryDirectory(prefix="tcd-bench-trainer-") as tmp:
         for dtype in dtypes:
@@ -149,7 +150,7 @@ def _one_rank_command(mode: str, extra: tuple, cfg: dict[str, Any], run_dir: Pat
                       teacher: Path | None, ds_config: str = "auto") -> list[str]:
     import sys
 
-    shared = REPO.parent / "shared" / "data"
+    shared = ROOT.parent / "shared" / "data"
     data = [f"data.corpus={shared / 'wikipedia-en-2015'}"] if shared.is_dir() else []
     return [sys.executable, "-m", "tcd_ds.train", "--config", cfg["recipe"], "--mode", mode, "--deepspeed_config",
             ds_config, "--resume", "none", *data, *(ONE_RANK_EXTRA if cfg["recipe"] == "small" else []),
@@ -167,7 +168,7 @@ def run_one_rank(quick: bool = False) -> list[dict[str, Any]]:
     from tcd_ds.hardware import cpu_ds_config
 
     cfg = ONE_RANK_QUICK if quick else ONE_RANK
-    cache = str(REPO / ".cache" / "tcd_ds")
+    cache = str(ROOT / ".cache" / "tcd_ds")
     rows, teacher = [], None
     before = cpu_ds_config(moe=False, ranks=2)  # the ZeRO-2 config auto chose for every model before
     runs = [(*r, "auto") for r in ONE_RANK_RUNS] + [(*ONE_RANK_BEFORE, before)]
@@ -178,7 +179,7 @@ def run_one_rank(quick: bool = False) -> list[dict[str, Any]]:
             started = time.perf_counter()
             log = Path(tmp) / f"{run_dir.name}.log"
             with open(log, "w") as f:
-                rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=cfg["timeout_s"],
+                rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=cfg["timeout_s"],
                                     env=dict(os.environ, OMP_NUM_THREADS="1")).returncode
             if rc != 0 or not (run_dir / "summary.json").is_file():
                 raise RuntimeError(f"trainer {name} failed (exit {rc}):\n{log.read_text(errors='replace')[-3000:]}")

@@ -6,7 +6,8 @@ non-padding tokens::
 
     R(X)_ij = cos(x_i, x_j)        i, j valid tokens
 
-The student's relations are pulled towards the (frozen) teacher's. Two forms:
+The student's relations are pulled towards the (frozen) teacher's. Two forms (registered by name in
+``tcd_ds/distill/forms.py``, where a new one is added):
 
 * ``"mse"``: per sequence ``b``, ``sum_{valid i,j} (R_s - R_t)_ij^2 / n_b^2``
   (``n_b`` = number of valid tokens), then the mean over sequences.
@@ -71,6 +72,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from tcd_ds.distill import forms
+
 __all__ = [
     "relation_loss",
     "relation_mse_naive",
@@ -84,8 +87,7 @@ __all__ = [
     "uniform_layer_map",
 ]
 
-FORMS = ("mse", "kl")
-IMPLS = ("auto", "naive", "gram")
+IMPLS = forms.IMPLS
 EPS = 1e-8  # norm floor when L2-normalising token vectors (as F.normalize)
 
 
@@ -454,26 +456,39 @@ def relation_kl(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, tau: float
 
 
 def choose_impl(form: str, d_student: int, d_teacher: int, seq_len: int, impl: str = "auto") -> str:
-    """Resolve ``impl`` to ``"naive"`` or ``"gram"``.
+    """Resolve ``impl`` to one of the form's implementations (``"naive"`` or ``"gram"``).
 
-    ``"auto"``: Gram for MSE when ``Ds == Dt < L`` (the ``D x D`` products are
-    then smaller than the ``L x L`` ones), naive otherwise; KL is always naive.
-    Unequal widths get naive: the Gram form has no cancellation-free
-    rearrangement for them and loses all digits near convergence (module doc).
+    ``"auto"``: the form's own choice (``mse_auto_impl`` for MSE), naive where it has none (KL).
     """
-    if form not in FORMS:
-        raise ValueError(f"unknown relation form {form!r}; expected one of {FORMS}")
+    spec = forms.get(form)
     if impl not in IMPLS:
         raise ValueError(f"unknown relation impl {impl!r}; expected one of {IMPLS}")
-    if form == "kl":
-        if impl == "gram":
-            raise ValueError("impl='gram' is only available for form='mse' (KL needs the L x L matrices)")
-        return "naive"
-    if impl != "auto":
-        return impl
+    if impl == "auto":
+        auto = spec.function("auto")
+        return auto(d_student, d_teacher, seq_len) if auto else "naive"
+    if impl not in spec.impls:
+        having = " or ".join(f"form={name!r}" for name in forms.with_impl(impl))
+        raise ValueError(f"impl={impl!r} is only available for {having} (form {form!r} has {', '.join(spec.impls)})")
+    return impl
+
+
+def mse_auto_impl(d_student: int, d_teacher: int, seq_len: int) -> str:
+    """``impl=auto`` for MSE: Gram when ``Ds == Dt < L`` (the ``D x D`` products are then smaller than
+    the ``L x L`` ones), naive otherwise. Unequal widths get naive: the Gram form has no
+    cancellation-free rearrangement for them and loses all digits near convergence (module doc)."""
     if d_student != d_teacher:
         return "naive"
     return "gram" if d_student < seq_len else "naive"
+
+
+def mse_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, tau: float, impl: str) -> torch.Tensor:
+    """The ``mse`` form of one pair (``tau`` unused)."""
+    return relation_mse_gram(s, t, mask) if impl == "gram" else relation_mse_naive(s, t, mask)
+
+
+def kl_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, tau: float, impl: str) -> torch.Tensor:
+    """The ``kl`` form of one pair (always naive)."""
+    return relation_kl(s, t, mask, tau)
 
 
 def relation_loss(
@@ -490,7 +505,7 @@ def relation_loss(
         s: student ``[B, L, Ds]`` or ``[B, H, L, Ds]``.
         t: teacher, same leading dims as ``s``; feature dim and dtype may differ.
         mask: ``[B, L]`` bool or 0/1, true = real token.
-        form: ``"mse"`` or ``"kl"``.
+        form: a name of ``tcd_ds/distill/forms.py``: ``"mse"`` or ``"kl"``.
         tau: softmax temperature of the KL form.
         impl: ``"auto"``, ``"naive"`` or ``"gram"`` (MSE only); see :func:`choose_impl`.
 
@@ -499,11 +514,7 @@ def relation_loss(
     """
     _check_pair(s, t, mask)
     chosen = choose_impl(form, s.shape[-1], t.shape[-1], s.shape[-2], impl)
-    if form == "kl":
-        return relation_kl(s, t, mask, tau)
-    if chosen == "gram":
-        return relation_mse_gram(s, t, mask)
-    return relation_mse_naive(s, t, mask)
+    return forms.get(form).function("loss")(s, t, mask, tau, chosen)
 
 
 GROUP_BYTES = 256 * 2**20  # the naive path's L x L matrices of one stacked group stay below this
@@ -530,6 +541,7 @@ def relation_losses(
         raise ValueError("relation_losses needs at least one pair")
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
+    spec = forms.get(form)
     groups: dict[tuple, list[int]] = {}
     for i, (s, t) in enumerate(zip(students, teachers)):
         _check_pair(s, t, mask)
@@ -539,24 +551,38 @@ def relation_losses(
         for (s_shape, t_shape, _, _), idx in groups.items():
             chosen = choose_impl(form, s_shape[-1], t_shape[-1], s_shape[-2], impl)
             per_pair = len(idx)
-            if form == "kl" or chosen == "naive":
+            if chosen == "naive":
                 seqs = s_shape[0] * (s_shape[1] if len(s_shape) == 4 else 1)
                 pair_bytes = seqs * s_shape[-2] ** 2 * 8
                 per_pair = max(1, GROUP_BYTES // max(pair_bytes, 1))
             for c in range(0, len(idx), per_pair):
                 chunk = idx[c:c + per_pair]
-                losses = _stacked_losses([students[i] for i in chunk], [teachers[i] for i in chunk], mask,
-                                         form, tau, chosen)
+                losses = _stacked_losses(spec, [students[i] for i in chunk], [teachers[i] for i in chunk], mask,
+                                         tau, chosen)
                 for i, loss in zip(chunk, losses.unbind(0)):
                     out[i] = loss
     return torch.stack(out)
 
 
-def _stacked_losses(students: list[torch.Tensor], teachers: list[torch.Tensor], mask: torch.Tensor,
-                    form: str, tau: float, chosen: str) -> torch.Tensor:
-    """Losses ``[K]`` of K same-shape pairs computed as one batch of K * N sequences."""
-    if form == "mse":
-        return _mse_losses(students, teachers, mask, chosen)
+def _stacked_losses(spec: forms.Form, students: list[torch.Tensor], teachers: list[torch.Tensor],
+                    mask: torch.Tensor, tau: float, chosen: str) -> torch.Tensor:
+    """Losses ``[K]`` of K same-shape pairs: the form's stacked ``losses``, else one ``loss`` per pair."""
+    stacked = spec.function("losses")
+    if stacked is not None:
+        return stacked(students, teachers, mask, tau, chosen)
+    single = spec.function("loss")
+    return torch.stack([single(s, t, mask, tau, chosen) for s, t in zip(students, teachers)])
+
+
+def mse_losses(students: list[torch.Tensor], teachers: list[torch.Tensor], mask: torch.Tensor, tau: float,
+               impl: str) -> torch.Tensor:
+    """The ``mse`` form of K same-shape pairs ``[K]`` (``tau`` unused)."""
+    return _mse_losses(students, teachers, mask, impl)
+
+
+def kl_losses(students: list[torch.Tensor], teachers: list[torch.Tensor], mask: torch.Tensor, tau: float,
+              impl: str) -> torch.Tensor:
+    """The ``kl`` form of K same-shape pairs ``[K]``, computed as one batch of K * N sequences."""
     k = len(students)
     s = torch.cat([_flat(x, mask)[0] for x in students])
     t = torch.cat([_flat(x, mask)[0] for x in teachers])

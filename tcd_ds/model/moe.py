@@ -1,4 +1,5 @@
-"""The MoE FFN: one interface over the expert backends (`model.moe.backend`).
+"""The MoE FFN: one interface over the expert backends (`model.moe.backend`, registered by name in
+`tcd_ds/model/experts/registry.py`).
 
 Every backend is an `nn.Module` whose `forward(x [B, S, H])` returns `(y [B, S, H], MoEStats)`:
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from tcd_ds.config import ModelConfig
+from tcd_ds.model.experts import registry
 from tcd_ds.model.experts.grouped import GroupedExperts
 from tcd_ds.model.experts.loop import Experts
 from tcd_ds.model.experts.params import tag_expert_params
@@ -48,6 +50,25 @@ class MoELayer(nn.Module):
         y = torch.zeros_like(x).index_add_(0, plan.token, out * plan.gate.to(out.dtype)[:, None])
         return y.reshape(shape), router_stats(routing, self.cfg, plan.dropped)
 
+    def route_hook(self, fn):
+        """Call `fn(expert [T, k])` on every routing (gpucheck compares routes); returns the hook handle."""
+        return self.router.register_forward_hook(lambda module, args, out: fn(out.expert))
+
+
+def build_loop(cfg: ModelConfig) -> MoELayer:
+    """The `torch` backend (reference): our router and a loop over experts."""
+    return _with_experts(cfg, Experts(cfg.moe.num_experts, cfg.hidden_size, cfg.intermediate_size))
+
+
+def build_grouped(cfg: ModelConfig) -> MoELayer:
+    """The `grouped` backend: our router and one `grouped_mm` per projection."""
+    return _with_experts(cfg, GroupedExperts(cfg.moe.num_experts, cfg.hidden_size, cfg.intermediate_size))
+
+
+def _with_experts(cfg: ModelConfig, experts: nn.Module) -> MoELayer:
+    tag_expert_params(experts, 1, cfg.moe.top_k / cfg.moe.num_experts)
+    return MoELayer(cfg, experts)
+
 
 def build_moe(cfg: ModelConfig) -> nn.Module:
     """The MoE FFN for `cfg.moe.backend`, built without touching the global RNG.
@@ -58,22 +79,4 @@ def build_moe(cfg: ModelConfig) -> nn.Module:
     build different non-expert weights under each backend. The constructor's values are only a finite
     start (`init_weights` redraws them all), so it runs on a forked RNG that is put back afterwards."""
     with torch.random.fork_rng(devices=[]):
-        return _build_moe(cfg)
-
-
-def _build_moe(cfg: ModelConfig) -> nn.Module:
-    backend = cfg.moe.backend
-    if backend in ("torch", "grouped"):
-        cls = Experts if backend == "torch" else GroupedExperts
-        experts = cls(cfg.moe.num_experts, cfg.hidden_size, cfg.intermediate_size)
-        tag_expert_params(experts, 1, cfg.moe.top_k / cfg.moe.num_experts)
-        return MoELayer(cfg, experts)
-    if backend == "deepspeed":
-        from tcd_ds.model.experts.expert_parallel import DeepSpeedMoE  # imports deepspeed
-
-        return DeepSpeedMoE(cfg)
-    if backend == "megablocks":
-        from tcd_ds.model.experts.dropless import MegaBlocksMoE
-
-        return MegaBlocksMoE(cfg)
-    raise ValueError(f"unknown MoE backend {backend!r}")
+        return registry.get(cfg.moe.backend).build(cfg)

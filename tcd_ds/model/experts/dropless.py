@@ -51,6 +51,23 @@ def canonical_to_megablocks(w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.T
     return w1.transpose(1, 2).reshape(-1, w1.shape[1]), w2.reshape(-1, w2.shape[-1])
 
 
+def build(cfg: ModelConfig) -> "MegaBlocksMoE":
+    """The `megablocks` backend's builder (tcd_ds/model/experts/registry.py)."""
+    return MegaBlocksMoE(cfg)
+
+
+def unavailable(device_type: str) -> str | None:
+    """The registry's probe (after its device and package checks): what `MegaBlocksMoE` needs, the
+    layers and the grouped_gemm kernels, or why not."""
+    try:
+        from megablocks import grouped_gemm_util
+        from megablocks.layers.dmoe import dMoE  # noqa: F401
+        ok = grouped_gemm_util.grouped_gemm_is_available()
+    except Exception as err:  # noqa: BLE001
+        return f"megablocks does not import: {str(err).splitlines()[0] if str(err) else err!r}"
+    return None if ok else "megablocks is installed without its grouped_gemm kernels"
+
+
 class MegaBlocksMoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -123,7 +140,16 @@ class MegaBlocksMoE(nn.Module):
                           seen["logits"].float())
         return y, router_stats(routing, self.cfg, y.new_zeros((), dtype=torch.float32))
 
+    def route_hook(self, fn):
+        """Call `fn(expert)` on every routing (gpucheck compares routes); returns the hook handle."""
+        return self.dmoe.router.register_forward_hook(lambda module, args, out: fn(out[2]))
+
     # --- canonical layout -------------------------------------------------------------------
+
+    def canonical_grads(self) -> dict[str, torch.Tensor]:
+        """The parameters' gradients in the canonical layout (no expert biases; gpucheck)."""
+        w1, w2 = megablocks_to_canonical(self.mlp.w1.grad, self.mlp.w2.grad, self.num_experts)
+        return {"router.weight": self.router_weight.grad, "experts.w1": w1, "experts.w2": w2}
 
     def canonical_state_dict(self) -> dict[str, torch.Tensor]:
         w1, w2 = megablocks_to_canonical(self.mlp.w1.detach(), self.mlp.w2.detach(), self.num_experts)

@@ -94,6 +94,16 @@ class _FFN(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+def build(cfg: ModelConfig) -> "DeepSpeedMoE":
+    """The `deepspeed` backend's builder (tcd_ds/model/experts/registry.py)."""
+    return DeepSpeedMoE(cfg)
+
+
+def unavailable(device_type: str) -> str | None:
+    """The registry's probe: importing this module (and so deepspeed) is the check."""
+    return None
+
+
 class DeepSpeedMoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -225,6 +235,16 @@ class DeepSpeedMoE(nn.Module):
             "experts.w2": torch.stack([m.weight.detach().t() for m in fc2]),
             "experts.b2": torch.stack([m.bias.detach() for m in fc2]),
         }
+
+    def canonical_grads(self) -> dict[str, torch.Tensor]:
+        """The parameters' gradients, in the canonical layout (gpucheck)."""
+        fc1 = [e.fc1 for e in self.local_experts]
+        fc2 = [e.fc2 for e in self.local_experts]
+        return {"router.weight": self.gate.weight.grad,
+                "experts.w1": torch.stack([m.weight.grad.t() for m in fc1]),
+                "experts.b1": torch.stack([m.bias.grad for m in fc1]),
+                "experts.w2": torch.stack([m.weight.grad.t() for m in fc2]),
+                "experts.b2": torch.stack([m.bias.grad for m in fc2])}
 
     def load_canonical_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Load canonical weights holding either all E experts (this rank's slice is taken) or E_local."""

@@ -13,6 +13,11 @@ import torch.nn.functional as F
 from tcd_ds.model.experts.loop import Experts
 
 
+def unavailable(device_type: str) -> str | None:
+    """Why the grouped backend cannot run here (the registry's probe), or None."""
+    return None if hasattr(F, "grouped_mm") else f"torch {torch.__version__} has no grouped_mm"
+
+
 class GroupedExperts(Experts):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         if hidden_size % 8 or intermediate_size % 8:
