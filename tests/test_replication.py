@@ -72,3 +72,16 @@ def test_each_seed_runs_the_experiment_with_its_seed_and_the_one_eval_seed(tmp_p
         _rc(primary="whatever turns out significant")
     with pytest.raises(Exception, match=">= 2 distinct seeds"):
         _rc(pretrain_seeds=[1])
+
+
+def test_the_packaged_recipe_gives_each_seed_a_valid_experiment(tmp_path):
+    """Every seed's experiment loads with the recipe's overrides (a typo fails here, not after a teacher)."""
+    from tcd_ds import experiments
+
+    _, rc = replication.load("small")
+    assert len(rc["pretrain_seeds"]) >= 5 and rc["primary"] == replication.PRIMARY
+    for seed in rc["pretrain_seeds"]:
+        argv = replication.seed_argv(rc, tmp_path, seed)
+        name, exp = experiments.load(argv[0], argv[5:])
+        assert str(exp["pretrain"]["seed"]) == str(seed) and str(exp["pretrain"]["data"]["eval_seed"]) == "1"
+        assert len(exp["glue"]["lrs"]) >= 2 and len(exp["glue"]["per_task"]["SST-2"]["lrs"]) >= 2
