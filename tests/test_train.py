@@ -14,7 +14,7 @@ from tcd_ds.config import ModelConfig
 from tcd_ds.model.bert import BertForMaskedLM
 from tcd_ds.model.hf import save_pretrained
 
-from trainer_utils import REPO, launch, quick
+from trainer_utils import REPO, clean_launch_env, launch, quick
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
@@ -285,6 +285,7 @@ def test_a_teacher_shorter_than_the_sequences_is_refused_before_compute(monkeypa
                       max_position=32)
     save_pretrained(BertForMaskedLM(cfg), cfg, tmp_path / "short")
     monkeypatch.setattr(tr, "StopRequest", lambda: None)  # leave pytest's signal handlers alone
+    clean_launch_env(monkeypatch)
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_:
         tr.main(["--config", "tiny", "--mode", "tcd", "--deepspeed_config", "ds_configs/cpu_zero2.json",
@@ -387,3 +388,15 @@ def test_an_in_process_resume_restores_the_schedule_rng_and_data_position(shared
         for key in ("loss", "mlm", "aux"):
             assert abs(b[step][key] - a[step][key]) <= 1e-6, (step, key, a[step][key], b[step][key])
     assert resumed["tokens"] == straight["tokens"] and resumed["steps"] == 4
+
+
+def test_an_in_process_run_leaves_no_launcher_variables_behind():
+    """What the trainer exports into os.environ during an in-process test is gone after it, so later
+    subprocesses of the session do not take a stale MASTER_PORT as a launcher's."""
+    import os
+
+    absent = [k for k in ("RANK", "MASTER_PORT") if k not in os.environ]
+    with pytest.MonkeyPatch.context() as mp:
+        clean_launch_env(mp)
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_PORT="12345")  # as init_distributed does
+    assert not [k for k in absent if k in os.environ]

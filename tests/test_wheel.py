@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer_utils import REPO, quick
+from trainer_utils import LAUNCH_ENV, REPO, quick
 
 BUILD_INPUTS = ("pyproject.toml", "README.md", "tcd_ds")
 
@@ -40,7 +40,8 @@ def installed(tmp_path_factory) -> tuple[Path, dict]:
         else:
             src.mkdir(exist_ok=True)
             shutil.copy2(item, src / name)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_REQUIRE_VIRTUALENV")}
+    # a fresh shell's environment: no launcher variables (RANK, MASTER_PORT, ...) from this session
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_REQUIRE_VIRTUALENV", *LAUNCH_ENV)}
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     _run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-w", root / "dist"], src, env)
     wheels = list((root / "dist").glob("tcd_ds-*.whl"))

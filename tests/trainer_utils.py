@@ -112,6 +112,17 @@ def kill_group(proc: subprocess.Popen) -> None:
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def clean_launch_env(monkeypatch) -> None:
+    """No launcher variables for the rest of the test, and none left behind after it: the trainer's
+    `init_distributed` exports RANK, WORLD_SIZE, MASTER_PORT... into os.environ, and `delenv` alone
+    records nothing to undo for a variable that was absent, so an in-process run leaked them into
+    every later subprocess of the session (a wheel test's trainer then took the stale MASTER_PORT as
+    a launcher's and stopped on 'port already in use' in CI)."""
+    for key in LAUNCH_ENV:
+        monkeypatch.setenv(key, "")  # records the variable's state before the test (absent included)
+        monkeypatch.delenv(key)
+
+
 class NoSignals:
     """Stands in for the trainer's StopRequest: no handlers installed in the test process, no stop."""
 
@@ -127,8 +138,7 @@ def train_in_process(args: list[str], monkeypatch) -> dict:
     launcher-free environment (main exports the layout's variables; monkeypatch restores them)."""
     from tcd_ds import train as tr
 
-    for key in LAUNCH_ENV:
-        monkeypatch.delenv(key, raising=False)
+    clean_launch_env(monkeypatch)
     monkeypatch.setattr(tr, "StopRequest", NoSignals)
     monkeypatch.setattr(tr, "measure_matmul_peak", lambda *a, **k: 1e12)  # half a second per run saved
     return tr.main(args)
