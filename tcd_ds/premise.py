@@ -301,8 +301,10 @@ def analyze(rc: dict, out: Path) -> dict:
             ref_vals = [dict(r["val_curve"])[step] for r in theirs]
             spread = [s for s in (_spread(vals), _spread(ref_vals)) if s is not None]
             gap = statistics.mean(ref_vals) - statistics.mean(vals)
-            entry.update(step=step, tokens=step * mine[0]["tokens_per_step"], val_mlm=vals,
-                         mean=statistics.mean(vals), seed_range=_spread(vals),
+            final = all(r["finished"] and step == r["max_steps"] for r in mine + theirs)
+            entry.update(step=step, final=final, tokens=step * mine[0]["tokens_per_step"], val_mlm=vals,
+                         mean=statistics.mean(vals), seed_range=_spread(vals), reference_mean=statistics.mean(ref_vals),
+                         reference_seed_range=_spread(ref_vals),
                          gap_to_reference=gap if variant != ref else None)
             if variant != ref:
                 measured = len(vals) > 1 and len(ref_vals) > 1
@@ -325,21 +327,28 @@ def report(rc: dict, results: dict, command: str) -> str:
              f"Command: `{command}`", "",
              f"P1 rule (fixed before the runs): {results['p1_rule']}. Val MLM on the same masked tokens in "
              f"every run (`data.eval_seed={results['eval_seed']}`).", "",
-             f"| variant | experts | seeds | step | tokens | val MLM per seed | mean | seed range | "
-             f"{ref} - variant | P1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| variant | experts | seeds | step | tokens | val MLM per seed | mean | seed range | {ref} mean (range) "
+             f"at that step | {ref} - variant | P1 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in results["variants"].items():
         p1 = v.get("p1") or {}
         verdict = ("-" if name == ref or not v["step"] else "no verdict (one seed)" if p1.get("met") is None
                    else "**met**" if p1["met"] else "not met")
+        if verdict not in ("-",) and not v.get("final"):
+            verdict += " (so far: runs still training)"
         lines.append(f"| {name} | {v['num_experts']} | {len(v['seeds'])} | {v['step'] or '-'} | "
                      f"{_f(v.get('tokens'), ',')} | {', '.join(_f(x) for x in v.get('val_mlm', []))} | "
-                     f"{_f(v.get('mean'))} | {_f(v.get('seed_range'))} | {_f(v.get('gap_to_reference'), '+.3f')} | "
+                     f"{_f(v.get('mean'))} | {_f(v.get('seed_range'))} | "
+                     f"{_f(v.get('reference_mean'))} ({_f(v.get('reference_seed_range'))}) | "
+                     f"{_f(v.get('gap_to_reference'), '+.3f')} | "
                      f"{verdict} |")
     lines += ["", "## P2: transfer at matched val MLM loss", ""]
     if not results.get("transfer"):
         lines.append("Not measured yet: step transfer runs once the pre-trainings are done "
                      f"(`--steps transfer`; variants: {', '.join(rc['transfer'])}).")
     for variant, t in (results.get("transfer") or {}).items():
+        if not t["pairs"]:
+            lines += [f"`{ref}` against `{variant}`: not measured yet (the pre-trainings of the pair are not finished).", ""]
+            continue
         lines += [f"`{ref}` against `{variant}`, GLUE average ({', '.join(rc['glue']['tasks'])}; dev, best lr per "
                   "task by the median) per fine-tuning seed:", "",
                   "| seed | model | taken at | val MLM | GLUE avg per ft seed | mean |", "|---|---|---|---|---|---|"]
