@@ -120,11 +120,24 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, model_config: di
         (ckpt_dir / tag / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
         write_text_atomic(ckpt_dir / tag / COMPLETE, json.dumps({"step": step, "time": time.time()}) + "\n")
         write_text_atomic(ckpt_dir / LATEST, tag + "\n")
-        for old, _ in complete_checkpoints(ckpt_dir)[:-keep]:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        rotate(ckpt_dir, keep, step)
     if dist.is_initialized():
         dist.barrier()
     return ckpt_dir / tag
+
+
+def rotate(ckpt_dir: Path, keep: int, step: int) -> list[str]:
+    """After the checkpoint of `step` is complete: delete the complete ones beyond the newest `keep`,
+    and every cut-off one (a save a crash or a kill interrupted: no complete.json) older than `step`,
+    which nothing will ever finish or load. Returns the tags deleted."""
+    gone = [old for old, _ in complete_checkpoints(ckpt_dir)[:-keep]]
+    for d in Path(ckpt_dir).glob("step_*"):
+        m = _TAG.match(d.name)
+        if m and int(m.group(1)) < step and not (d / COMPLETE).is_file():
+            gone.append(d.name)
+    for tag in gone:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    return sorted(gone)
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[tuple[str, int]]:

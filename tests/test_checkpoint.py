@@ -104,3 +104,21 @@ def test_resume_loads_real_checkpoints_and_refuses_files_that_would_run_code(wor
             assert "\n" not in str(err.value)
         finally:
             path.write_bytes(original)
+
+
+def test_rotation_deletes_cut_off_saves_older_than_the_new_checkpoint(tmp_path):
+    """A save cut off by a crash or kill (no complete.json) used to stay on disk for good: only complete
+    checkpoints were rotated. Now every cut-off one older than the checkpoint just completed goes too;
+    a newer cut-off one (the run resumed from before it) stays until its step is saved again."""
+    def make(step, complete):
+        d = tmp_path / checkpoint.tag_for(step)
+        d.mkdir()
+        (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        if complete:
+            (d / checkpoint.COMPLETE).write_text(json.dumps({"step": step}))
+
+    for step, complete in ((10, True), (15, False), (20, True), (25, False), (30, True), (40, False)):
+        make(step, complete)
+    gone = checkpoint.rotate(tmp_path, keep=2, step=30)
+    assert gone == ["step_00000010", "step_00000015", "step_00000025"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000020", "step_00000030", "step_00000040"]
