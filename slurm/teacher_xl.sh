@@ -13,5 +13,6 @@
 #SBATCH --signal=B:USR1@900
 # Pre-training of the vanilla xl teacher: sbatch slurm/teacher_xl.sh
 # Switches (TCD_CPU=1, TCD_RUN_DIR, TCD_OVERRIDES, ...): tcd_train in slurm/launch.sh; README: Clusters.
+export TCD_SIGNAL_LEAD_S="${TCD_SIGNAL_LEAD_S:-900}"  # the --signal lead above: the trainer warns when a save takes longer
 source "${TCD_REPO:-$SLURM_SUBMIT_DIR}/slurm/launch.sh"
 tcd_train xl vanilla

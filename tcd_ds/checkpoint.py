@@ -111,6 +111,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, model_config: di
     import torch.distributed as dist
 
     tag = tag_for(step)
+    started = time.perf_counter()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank:05d}.pt")
@@ -118,7 +119,10 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, model_config: di
         dist.barrier()
     if rank == 0:
         (ckpt_dir / tag / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
-        write_text_atomic(ckpt_dir / tag / COMPLETE, json.dumps({"step": step, "time": time.time()}) + "\n")
+        # seconds: the save's wall time (every rank's write and the barrier), for the next job's
+        # check against its signal lead (train.warn_slow_save)
+        write_text_atomic(ckpt_dir / tag / COMPLETE, json.dumps(
+            {"step": step, "time": time.time(), "seconds": round(time.perf_counter() - started, 3)}) + "\n")
         write_text_atomic(ckpt_dir / LATEST, tag + "\n")
         rotate(ckpt_dir, keep, step)
     if dist.is_initialized():
@@ -138,6 +142,14 @@ def rotate(ckpt_dir: Path, keep: int, step: int) -> list[str]:
     for tag in gone:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
     return sorted(gone)
+
+
+def save_seconds(tag_dir: Path) -> float | None:
+    """The wall seconds the save of a complete checkpoint took (None: not recorded, before 2026-12-08)."""
+    try:
+        return float(json.loads((Path(tag_dir) / COMPLETE).read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[tuple[str, int]]:

@@ -473,6 +473,7 @@ class Trainer:
     clock: PhaseClock = dataclasses.field(default_factory=PhaseClock)  # the steps' time per phase
     last: dict = dataclasses.field(default_factory=dict)  # the last logged window
     target_reached: int | None = None  # the step whose eval met train.stop_at_val_loss (the run ends there)
+    last_save_seconds: float | None = None  # wall seconds of this process's last checkpoint save (rank 0)
     target_evals: dict | None = None  # that eval
 
     @property
@@ -506,6 +507,8 @@ def resume(t: Trainer) -> None:
         t.step, t.tokens = client["step"], client["tokens"]
         if run.layout.is_main:
             print(f"resume: from {run.ckpt_dir / run.resume_tag} (step {t.step})", file=sys.stderr)
+            if note := warn_slow_save(run.ckpt_dir / run.resume_tag):
+                print(note, file=sys.stderr, flush=True)
 
 
 def start_monitor(t: Trainer) -> float:
@@ -869,8 +872,32 @@ class StopRequest:
 
 def save(t: Trainer, step: int, window: LogWindow) -> Path:
     count_tokens(t, window)
-    return save_checkpoint(t.engine, t.run.ckpt_dir, step, {"step": step, "tokens": t.tokens},
+    path = save_checkpoint(t.engine, t.run.ckpt_dir, step, {"step": step, "tokens": t.tokens},
                            config_to_hf(t.model_cfg), t.cfg, t.run.device)
+    if t.run.layout.is_main:
+        t.last_save_seconds = checkpoint.save_seconds(path)
+        if t.last_save_seconds is not None:
+            t.monitor.scalars(step, {"checkpoint/save_seconds": t.last_save_seconds})
+    return path
+
+
+def warn_slow_save(tag_dir: Path, env: dict[str, str] | None = None) -> str | None:
+    """One `warning:` line when the checkpoint this job resumes from took longer to save than the
+    job's signal lead leaves (TCD_SIGNAL_LEAD_S, exported by the sbatch scripts beside their
+    `--signal=B:USR1@T`, minus TCD_REQUEUE_MARGIN, default 60): the next signal's save would not
+    finish before the requeue deadline. None otherwise."""
+    env = os.environ if env is None else env
+    seconds = checkpoint.save_seconds(tag_dir)
+    try:
+        lead = float(env.get("TCD_SIGNAL_LEAD_S", ""))
+    except ValueError:
+        return None
+    window = lead - float(env.get("TCD_REQUEUE_MARGIN", "60") or 60)
+    if seconds is None or seconds <= window:
+        return None
+    return (f"warning: the last checkpoint took {seconds:.0f} s to save, more than the {window:.0f} s the signal "
+            f"leaves before the requeue deadline (--signal=B:USR1@{lead:.0f} minus TCD_REQUEUE_MARGIN="
+            f"{lead - window:.0f}): raise the lead in the sbatch script (and TCD_SIGNAL_LEAD_S) or save faster")
 
 
 def due(every: int, step: int, last: int) -> bool:
@@ -948,6 +975,7 @@ def finish(t: Trainer, interrupted: bool, window: LogWindow) -> dict:
     summary.update({key: t.last.get(name) for name, key in SUMMARY_KEYS.items()})
     summary.update({
         "tokens_per_second": t.last.get("tokens_per_second"), "mfu": t.last.get("mfu"),
+        "last_save_seconds": t.last_save_seconds,
         "step_time_s": t.step_time / max(1, t.step - t.monitor.start_step), "world_size": run.layout.world_size,
         "parameters": num_parameters(t.model), "active_parameters": num_parameters(t.model, active=True),
         "history": t.metrics.read("train"), "eval_history": t.metrics.read("eval"),

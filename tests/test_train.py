@@ -400,3 +400,34 @@ def test_an_in_process_run_leaves_no_launcher_variables_behind():
         clean_launch_env(mp)
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_PORT="12345")  # as init_distributed does
     assert not [k for k in absent if k in os.environ]
+
+
+def test_each_save_is_timed_and_a_slow_one_is_named_at_the_next_start(shared_data, cache, tmp_path, monkeypatch,
+                                                                     capsys):
+    """Issue 27: a save's seconds go into its complete.json, TensorBoard (checkpoint/save_seconds) and
+    summary.json; a job that resumes from a checkpoint whose save took longer than its signal lead
+    minus the requeue margin says so in one warning line naming --signal and the figure."""
+    import json as _json
+
+    from tcd_ds import checkpoint as ck
+    from tcd_ds import train as tr
+
+    from trainer_utils import train_in_process
+
+    run = tmp_path / "run"
+    summary = train_in_process(_tiny_moe(shared_data, cache, run, 2, "train.save_every=1"), monkeypatch)
+    tag_dir = run / "checkpoints" / ck.tag_for(2)
+    seconds = ck.save_seconds(tag_dir)
+    assert seconds is not None and seconds > 0 and summary["last_save_seconds"] == pytest.approx(seconds)
+    assert tr.warn_slow_save(tag_dir, {}) is None  # no lead known: nothing to compare
+    assert tr.warn_slow_save(tag_dir, {"TCD_SIGNAL_LEAD_S": str(seconds + 61)}) is None
+    done = _json.loads((tag_dir / ck.COMPLETE).read_text())
+    (tag_dir / ck.COMPLETE).write_text(_json.dumps({**done, "seconds": 700.0}))
+    line = tr.warn_slow_save(tag_dir, {"TCD_SIGNAL_LEAD_S": "600", "TCD_REQUEUE_MARGIN": "60"})
+    assert line.startswith("warning: the last checkpoint took 700 s") and "--signal=B:USR1@600" in line
+    assert "540 s" in line
+    capsys.readouterr()
+    monkeypatch.setenv("TCD_SIGNAL_LEAD_S", "600")
+    train_in_process(_tiny_moe(shared_data, cache, run, 3, "train.save_every=1"), monkeypatch)  # resumes from step 2
+    err = capsys.readouterr().err
+    assert err.count("warning: the last checkpoint took 700 s") == 1, err[-2000:]
