@@ -93,6 +93,14 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(tag: str) -> int:
+    """The step of a checkpoint tag (`step_00000500` -> 500); a tag not of that form is a CheckpointError."""
+    m = _TAG.match(Path(tag).name)
+    if not m:
+        raise CheckpointError(f"{tag!r} is not a checkpoint tag (step_<N>)")
+    return int(m.group(1))
+
+
 def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}

@@ -241,6 +241,35 @@ def resume_point(cfg: Config, resume: str) -> tuple[str | None, tuple[str, ...]]
     return tag, tuple(skipped)
 
 
+def agree_on_resume(tag: str | None, ckpt_dir: Path, layout: Layout) -> str | None:
+    """The checkpoint every rank resumes from. Each rank chose its own before the process group
+    existed; on a shared file system a stale directory listing (NFS, Lustre) can show a rank an
+    older newest checkpoint than the others see, and ranks that load different steps train on as
+    if nothing happened. The ranks agree on the oldest of their choices (every rank sees it: the
+    others saw newer ones), in one all-reduce; rank 0 says so in one line when they differed. A rank
+    that sees no checkpoint while another resumes is an error (not a shared run dir, or a listing
+    too stale to trust): one `error:` line, exit 2, rather than training from step 0 over it."""
+    from tcd_ds.optim import comm_device
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tag
+    step = -1.0 if tag is None else float(checkpoint.step_of(tag))
+    t = torch.tensor([step, -step], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)  # (min, -max) of the ranks' steps
+    low, high = int(t[0].item()), int(-t[1].item())
+    if low == high:
+        return tag
+    if low < 0:
+        raise CheckpointError(f"the ranks disagree on the run's checkpoints under {ckpt_dir}: some see none, others "
+                              f"resume from step {high} (is the run dir on a file system every node shares, with "
+                              "fresh listings?); resubmit once every node sees them")
+    agreed = checkpoint.tag_for(low)
+    if layout.is_main:
+        print(f"resume: the ranks saw different newest checkpoints (steps {low} to {high}: a stale listing of a "
+              f"shared file system?); every rank resumes from {agreed}", file=sys.stderr, flush=True)
+    return agreed
+
+
 def check_resumable(cfg: Config, tag: str, shape: bool = True, data: bool = True) -> None:
     """A resumed run has the model shape (the checkpoint's config.json) and the data sources (the
     previous run_config.json) its checkpoint was trained with."""
@@ -288,6 +317,11 @@ def resolve_run(cfg: Config, ds_path: str, resume: str, layout: Layout) -> Run:
         if tag is not None and not deferred:  # a changed shape is refused before any compute
             check_resumable(cfg, tag, data=False)
         device = init_distributed(layout, cfg.train.collective_timeout_s)
+        agreed = agree_on_resume(tag, Path(cfg.run_dir) / "checkpoints", layout)
+        if agreed != tag:
+            tag = agreed
+            if tag is not None and not deferred:
+                check_resumable(cfg, tag, data=False)
         spanning = check_expert_groups_local(cfg.model.moe.ep_size if cfg.mode != "vanilla" else 1)
         if spanning and layout.is_main:
             print(spanning, file=sys.stderr)

@@ -431,3 +431,36 @@ def test_each_save_is_timed_and_a_slow_one_is_named_at_the_next_start(shared_dat
     train_in_process(_tiny_moe(shared_data, cache, run, 3, "train.save_every=1"), monkeypatch)  # resumes from step 2
     err = capsys.readouterr().err
     assert err.count("warning: the last checkpoint took 700 s") == 1, err[-2000:]
+
+
+@pytest.mark.parametrize("mine, other, agreed", [
+    ("step_00000020", 20, "step_00000020"), ("step_00000020", 10, "step_00000010"),
+    ("step_00000010", 20, "step_00000010"), (None, None, None), ("step_00000020", None, "error"),
+    (None, 20, "error")])
+def test_the_ranks_agree_on_one_resume_checkpoint(mine, other, agreed, monkeypatch, capsys, tmp_path):
+    """Issue 27: each rank chose its resume checkpoint alone, before the process group; a stale
+    listing let ranks load different steps. They now agree on the oldest choice (one all-reduce, with
+    one line from rank 0 when they differed); a rank that sees none while another resumes is an error."""
+    import torch
+
+    from tcd_ds import train as tr
+    from tcd_ds.dist import Layout
+    from tcd_ds.model.hf import CheckpointError
+
+    theirs = -1.0 if other is None else float(other)
+
+    def all_reduce(t, op=None):  # this rank's (step, -step) against the other rank's
+        t.copy_(torch.minimum(t, torch.tensor([theirs, -theirs], dtype=t.dtype)))
+
+    monkeypatch.setattr(tr.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tr.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(tr.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr("tcd_ds.optim.comm_device", lambda: torch.device("cpu"))
+    layout = Layout(0, 2, 0, "127.0.0.1", 0, "deepspeed/torchrun")
+    if agreed == "error":
+        with pytest.raises(CheckpointError, match="some see none, others resume from step 20"):
+            tr.agree_on_resume(mine, tmp_path, layout)
+        return
+    assert tr.agree_on_resume(mine, tmp_path, layout) == agreed
+    err = capsys.readouterr().err
+    assert ("every rank resumes from" in err) is (mine != agreed or (other is not None and mine != f"step_{other:08d}"))
