@@ -30,6 +30,7 @@ import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,8 +115,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, model_config: dict, keep: int) -> Path:
-    """Collective: every rank saves its part, then rank 0 marks the checkpoint complete."""
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, model_config: dict, keep: int,
+         layout: dict | None = None) -> Path:
+    """Collective: every rank saves its part, then rank 0 marks the checkpoint complete (with the
+    save's seconds and the training `layout`: world size, ZeRO stage, MoE backend and ep_size)."""
     import torch.distributed as dist
 
     tag = tag_for(step)
@@ -130,7 +133,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, model_config: di
         # seconds: the save's wall time (every rank's write and the barrier), for the next job's
         # check against its signal lead (train.warn_slow_save)
         write_text_atomic(ckpt_dir / tag / COMPLETE, json.dumps(
-            {"step": step, "time": time.time(), "seconds": round(time.perf_counter() - started, 3)}) + "\n")
+            {"step": step, "time": time.time(), "seconds": round(time.perf_counter() - started, 3),
+             **({"layout": layout} if layout else {})}) + "\n")
         write_text_atomic(ckpt_dir / LATEST, tag + "\n")
         rotate(ckpt_dir, keep, step)
     if dist.is_initialized():
@@ -197,6 +201,56 @@ def check_same_model(tag_dir: Path, model_config: dict) -> None:
     if diff:
         raise CheckpointError(f"cannot resume from {tag_dir}: the model shape changed ({', '.join(diff)}); "
                               "use another run_dir or --resume none")
+
+
+SAME_LAYOUT_BACKENDS = ({"torch", "grouped"},)  # backends whose parameters are the same tensors (loop.py's)
+
+
+def saved_layout(tag_dir: Path) -> dict[str, Any]:
+    """How a checkpoint was partitioned: from its files, `world_size` (one rng_rank file per rank),
+    `zero_partitions` (one ZeRO optimizer-state file per data-parallel rank; 0: saved without ZeRO)
+    and whether DeepSpeed-MoE wrote per-expert files; `backend` and `ep_size` as complete.json's
+    `layout` recorded them (checkpoints since 2026-12-08; None before, except a `deepspeed` backend
+    seen by its expert files)."""
+    tag_dir = Path(tag_dir)
+    try:
+        recorded = json.loads((tag_dir / COMPLETE).read_text()).get("layout") or {}
+    except (OSError, ValueError):
+        recorded = {}
+    experts = next(tag_dir.glob("layer_*_expert_*_model_states.pt"), None) is not None
+    return {"world_size": len(list(tag_dir.glob("rng_rank*.pt"))),
+            "zero_partitions": len(list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))),
+            "backend": recorded.get("backend") or ("deepspeed" if experts else None),
+            "ep_size": recorded.get("ep_size")}
+
+
+def check_same_layout(tag_dir: Path, world_size: int, zero_stage: int, moe: dict | None) -> None:
+    """Refuse, in one line naming what changed, a resume DeepSpeed cannot load: another world size
+    under ZeRO (its optimizer state is partitioned by rank: DeepSpeed stops with "Automatic adjustment
+    of ZeRO's optimizer state partitioning with a new world size is not currently supported" and a
+    traceback), ZeRO on one side only, another expert-parallel size, or a backend whose parameters
+    are other tensors (deepspeed's per-expert fc1/fc2 against torch/grouped's stacked w1/w2)."""
+    tag_dir = Path(tag_dir)
+    saved, diff = saved_layout(tag_dir), []
+    zero_now = zero_stage > 0
+    if saved["zero_partitions"] and not zero_now:
+        diff.append(f"ZeRO ({saved['zero_partitions']} partitions) -> none (stage 0)")
+    elif not saved["zero_partitions"] and zero_now and saved["world_size"]:
+        diff.append(f"no ZeRO (stage 0) -> ZeRO-{zero_stage}")
+    elif saved["zero_partitions"] and saved["zero_partitions"] != world_size:
+        diff.append(f"world size {saved['zero_partitions']} -> {world_size} under ZeRO")
+    if moe:
+        if saved["ep_size"] is not None and saved["ep_size"] != moe.get("ep_size", 1):
+            diff.append(f"model.moe.ep_size {saved['ep_size']} -> {moe.get('ep_size', 1)}")
+        pair = {saved["backend"], moe.get("backend")}
+        if saved["backend"] and len(pair) > 1 and not any(pair <= same for same in SAME_LAYOUT_BACKENDS):
+            diff.append(f"model.moe.backend {saved['backend']} -> {moe.get('backend')}")
+        elif saved["backend"] is None and moe.get("backend") == "deepspeed":
+            diff.append("model.moe.backend torch or grouped -> deepspeed")
+    if diff:
+        raise CheckpointError(f"cannot resume from {tag_dir}: it was saved with another layout ({', '.join(diff)}), "
+                              "which DeepSpeed cannot load; resume with the settings it was saved with (the same "
+                              "--deepspeed_config, ranks and model.moe), or start another run_dir")
 
 
 def resume(engine, ckpt_dir: Path, tag: str, rank: int, model_config: dict) -> dict:

@@ -314,6 +314,11 @@ def resolve_run(cfg: Config, ds_path: str, resume: str, layout: Layout) -> Run:
     lock = RunDirLock.acquire(Path(cfg.run_dir)) if layout.is_main else None
     try:
         tag, skipped = resume_point(cfg, resume)
+        if tag is not None:  # a layout DeepSpeed cannot load is refused before any compute
+            checkpoint.check_same_layout(Path(cfg.run_dir) / "checkpoints" / tag, layout.world_size,
+                                         ds_config.get("zero_optimization", {}).get("stage", 0),
+                                         {"backend": cfg.model.moe.backend, "ep_size": cfg.model.moe.ep_size}
+                                         if cfg.mode != "vanilla" else None)
         if tag is not None and not deferred:  # a changed shape is refused before any compute
             check_resumable(cfg, tag, data=False)
         device = init_distributed(layout, cfg.train.collective_timeout_s)
@@ -867,7 +872,10 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client: dict, model_confi
     previous complete checkpoint stays the one `latest` points to."""
     error = None
     try:
-        path = checkpoint.save(engine, ckpt_dir, step, client, model_config, cfg.train.keep_checkpoints)
+        layout = {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                  "zero_stage": engine.zero_optimization_stage(),
+                  **({"backend": cfg.model.moe.backend, "ep_size": cfg.model.moe.ep_size} if cfg.mode != "vanilla" else {})}
+        path = checkpoint.save(engine, ckpt_dir, step, client, model_config, cfg.train.keep_checkpoints, layout)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError of its zip writer
         free = shutil.disk_usage(ckpt_dir).free / 2 ** 20 if ckpt_dir.exists() else 0.0
         error = f"{str(err).splitlines()[0]} ({free:.1f} MiB free there)"

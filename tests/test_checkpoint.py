@@ -122,3 +122,43 @@ def test_rotation_deletes_cut_off_saves_older_than_the_new_checkpoint(tmp_path):
     gone = checkpoint.rotate(tmp_path, keep=2, step=30)
     assert gone == ["step_00000010", "step_00000015", "step_00000025"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000020", "step_00000030", "step_00000040"]
+
+
+def _saved(tmp_path, name, ranks, zero, layout=None, experts=False):
+    d = tmp_path / name
+    d.mkdir()
+    for r in range(ranks):
+        (d / f"rng_rank{r:05d}.pt").write_bytes(b"x")
+        if zero:
+            (d / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    if experts:
+        (d / "layer_0_expert_0_mp_rank_00_model_states.pt").write_bytes(b"x")
+    (d / checkpoint.COMPLETE).write_text(json.dumps({"step": 1, **({"layout": layout} if layout else {})}))
+    return d
+
+
+@pytest.mark.parametrize("saved, now, why", [
+    ((2, True, None, False), (1, 2, "torch", 1), "world size 2 -> 1 under ZeRO"),
+    ((2, True, None, False), (2, 0, "torch", 1), "ZeRO (2 partitions) -> none (stage 0)"),
+    ((1, False, None, False), (1, 2, "torch", 1), "no ZeRO (stage 0) -> ZeRO-2"),
+    ((2, True, {"backend": "deepspeed", "ep_size": 2}, True), (2, 2, "deepspeed", 1), "model.moe.ep_size 2 -> 1"),
+    ((2, True, None, True), (2, 2, "torch", 1), "model.moe.backend deepspeed -> torch"),
+    ((2, True, {"backend": "torch", "ep_size": 1}, False), (2, 2, "deepspeed", 2), "model.moe.backend torch -> deepspeed"),
+    ((2, True, {"backend": "torch", "ep_size": 1}, False), (2, 2, "grouped", 1), None),  # the same tensors
+    ((1, False, None, False), (1, 0, "torch", 1), None),
+    ((2, True, None, False), (2, 1, None, None), None),  # ZeRO-2 -> ZeRO-1 on as many ranks: DeepSpeed loads it
+])
+def test_a_resume_in_another_layout_is_refused_in_one_line(tmp_path, saved, now, why):
+    """Issue 27: a resume that changes the world size under ZeRO, ZeRO itself, ep_size or the expert
+    layout died in DeepSpeed with a traceback (measured: "Automatic adjustment of ZeRO's optimizer state
+    partitioning with a new world size is not currently supported"); now one line naming what changed."""
+    ranks, zero, layout, experts = saved
+    d = _saved(tmp_path, "step_00000001", ranks, zero, layout, experts)
+    world, stage, backend, ep = now
+    moe = {"backend": backend, "ep_size": ep} if backend else None
+    if why is None:
+        checkpoint.check_same_layout(d, world, stage, moe)
+        return
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.check_same_layout(d, world, stage, moe)
+    assert why in str(err.value) and "\n" not in str(err.value)

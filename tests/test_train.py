@@ -419,6 +419,8 @@ def test_each_save_is_timed_and_a_slow_one_is_named_at_the_next_start(shared_dat
     tag_dir = run / "checkpoints" / ck.tag_for(2)
     seconds = ck.save_seconds(tag_dir)
     assert seconds is not None and seconds > 0 and summary["last_save_seconds"] == pytest.approx(seconds)
+    assert _json.loads((tag_dir / ck.COMPLETE).read_text())["layout"] == {  # what a resume is checked against
+        "world_size": 1, "zero_stage": 0, "backend": "torch", "ep_size": 1}
     assert tr.warn_slow_save(tag_dir, {}) is None  # no lead known: nothing to compare
     assert tr.warn_slow_save(tag_dir, {"TCD_SIGNAL_LEAD_S": str(seconds + 61)}) is None
     done = _json.loads((tag_dir / ck.COMPLETE).read_text())
