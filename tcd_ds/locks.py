@@ -13,7 +13,10 @@ A fine-tuning sweep (`python -m tcd_ds.finetune --out DIR`) holds its out dir al
 appending to one `runs.jsonl` would both run the seeds the other is running.
 
 The OS releases a lock when its process dies, so a crashed or killed run never leaves a stale one,
-and a requeued Slurm job (its previous incarnation gone) takes it again. Where the file system has
+and a requeued Slurm job (its previous incarnation gone) takes it again. After a node failure a
+shared file system may keep the dead node's lock (NFSv3, Lustre): a lock whose holder line names an
+earlier incarnation of the same Slurm job (same job id, lower SLURM_RESTART_COUNT) is taken over,
+with one note. Where the file system has
 no locks (Lustre mounted without `flock`, some NFS) both go on unlocked, with one note per dir: the
 trainer's ranks never rely on the build lock (one rank builds while the others wait at a barrier,
 `tcd_ds.dist.one_rank_first`), and two unlocked builders of one key only duplicate work.
@@ -94,6 +97,8 @@ class RunDirLock:
             handle.seek(0)
             holder = handle.read().strip() or "holder unknown"
             handle.close()
+            if _earlier_incarnation(holder, os.environ):
+                return cls._take_over(path, holder, kind)
             raise RunDirInUse(f"{'run' if kind == 'training' else 'out'} dir {run_dir} is in use by another {kind} "
                               f"({holder}): wait for it to end, stop it"
                               f"{' (SIGTERM saves a checkpoint)' if kind == 'training' else ''}, or choose "
@@ -101,11 +106,36 @@ class RunDirLock:
         except OSError:
             handle.close()
             raise
+        return cls._held(path, handle)
+
+    @classmethod
+    def _held(cls, path: Path, handle) -> RunDirLock:
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        job = os.environ.get("SLURM_JOB_ID")
+        slurm = f" (slurm job {job} restart {os.environ.get('SLURM_RESTART_COUNT', '0')})" if job else ""
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                     f"{slurm}\n")
         handle.flush()
         return cls(path, handle)
+
+    @classmethod
+    def _take_over(cls, path: Path, holder: str, kind: str) -> RunDirLock:
+        """The lock of this Slurm job's earlier incarnation, still held after it died (a node failure:
+        NFSv3 and Lustre keep a dead client's locks until they time out): a fresh lock file replaces
+        it (a new inode, which that lock does not cover) and is locked, with one note."""
+        fresh = path.with_name(f"{path.name}.{os.getpid()}")
+        handle = open(fresh, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.replace(fresh, path)
+        except OSError:
+            handle.close()
+            fresh.unlink(missing_ok=True)
+            raise
+        print(f"note: {path.parent} was still locked by this Slurm job's earlier run ({holder}): gone with its node, "
+              f"its lock is taken over", file=sys.stderr, flush=True)
+        return cls._held(path, handle)
 
     def release(self) -> None:
         if not self._handle.closed:
@@ -116,3 +146,13 @@ class RunDirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _earlier_incarnation(holder: str, env) -> bool:
+    """Whether the lock's holder line names an earlier run of this very Slurm job (the same job id, a
+    lower restart count): Slurm runs one incarnation of a job at a time, so that holder is dead."""
+    import re
+
+    m = re.search(r"\(slurm job (\S+) restart (\d+)\)", holder)
+    job, restart = env.get("SLURM_JOB_ID"), env.get("SLURM_RESTART_COUNT", "0")
+    return bool(m and job and m.group(1) == job and restart.isdigit() and int(m.group(2)) < int(restart))

@@ -43,3 +43,32 @@ def test_another_lock_error_is_raised(tmp_path, monkeypatch):
     monkeypatch.setattr(locks.fcntl, "flock", flock)
     with pytest.raises(OSError, match="bad file descriptor"):
         RunDirLock.acquire(tmp_path)
+
+
+def test_a_requeued_job_takes_over_its_earlier_incarnations_lock(tmp_path, monkeypatch, capsys):
+    """Issue 27: after a node failure NFSv3 / Lustre keep the dead client's lock; the requeued job (same
+    Slurm job id, a higher SLURM_RESTART_COUNT) exited 2 'run dir in use' and the chain ended. It now
+    takes the lock over with one note; another job, or the same incarnation again, is still refused."""
+    run = tmp_path / "run"
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    dead = RunDirLock.acquire(run)  # still held: the lock of a node that is gone
+    assert (run / ".run.lock").read_text().rstrip().endswith("(slurm job 123 restart 0)")
+    with pytest.raises(RunDirInUse):  # the same incarnation (a second srun step in the job): a live holder
+        RunDirLock.acquire(run)
+    monkeypatch.setenv("SLURM_JOB_ID", "124")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with pytest.raises(RunDirInUse):  # another job
+        RunDirLock.acquire(run)
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    capsys.readouterr()
+    requeued = RunDirLock.acquire(run)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("note: ") and "taken over" in err[0] and "restart 0" in err[0]
+    assert (run / ".run.lock").read_text().rstrip().endswith("(slurm job 123 restart 1)")
+    monkeypatch.setenv("SLURM_JOB_ID", "125")
+    with pytest.raises(RunDirInUse):  # the new holder is refused to another job alike
+        RunDirLock.acquire(run)
+    assert sorted(p.name for p in run.iterdir()) == [".run.lock"]
+    requeued.release()
+    dead.release()
