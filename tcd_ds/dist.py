@@ -401,6 +401,17 @@ def announce_comm_op_build(layout: Layout) -> None:
               f"(deepspeed_shm_comm) with g++ into {build_dir}; about 2 minutes, once", file=sys.stderr, flush=True)
 
 
+def rendezvous_failed(layout: Layout, port: int, err: BaseException, timeout_s: float) -> SystemExit:
+    """One `error:` line for this rank (its rank and host, the rendezvous address, what torch said)
+    instead of a raw traceback from every rank; exit status 2."""
+    why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    print(f"error: rank {layout.rank}/{layout.world_size} on {socket.gethostname()}: the rendezvous at "
+          f"{layout.master_addr}:{port} did not complete within {timeout_s:.0f} s ({why}): check that every rank "
+          "started and can reach that address (MASTER_ADDR, a firewall, GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)",
+          file=sys.stderr, flush=True)
+    return SystemExit(2)
+
+
 def init_distributed(layout: Layout, timeout_s: float = 600.0) -> torch.device:
     """Export the layout as the env:// variables and start DeepSpeed's process group (on a port no
     other job holds, see the module docstring)."""
@@ -429,9 +440,9 @@ def init_distributed(layout: Layout, timeout_s: float = 600.0) -> torch.device:
                                                      world_size=layout.world_size, timeout=timeout)
             deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
             break
-        except torch.distributed.DistNetworkError as err:
+        except torch.distributed.DistError as err:
             if "EADDRINUSE" not in str(err):
-                raise
+                raise rendezvous_failed(layout, port, err, timeout_s) from None
             if attempt + 1 < tries:
                 continue
             how = ("TCD_MASTER_PORT=<free port> (slurm/launch.sh) or MASTER_PORT" if layout.launcher == "slurm"

@@ -208,3 +208,17 @@ def test_a_lone_process_takes_another_port_when_its_own_was_taken(monkeypatch):
         taken.close()
         if tdist.is_initialized():
             tdist.destroy_process_group()
+
+
+@pytest.mark.multiproc
+def test_a_rendezvous_that_fails_is_one_line_per_rank(monkeypatch, capsys):
+    """Issue 27: a rank whose peers never arrive printed a raw torch traceback after the timeout; now one
+    error line naming its rank, host and the rendezvous address, exit status 2."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "0")  # restored after the test: init_distributed writes them
+    port = dist.free_port()
+    with pytest.raises(SystemExit) as err:
+        dist.init_distributed(dist.Layout(0, 2, 0, "127.0.0.1", port, "slurm"), timeout_s=3)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert err.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: rank 0/2 on ") and f"127.0.0.1:{port} did not complete within 3 s" in lines[0]
