@@ -513,6 +513,7 @@ class Trainer:
     last: dict = dataclasses.field(default_factory=dict)  # the last logged window
     target_reached: int | None = None  # the step whose eval met train.stop_at_val_loss (the run ends there)
     last_save_seconds: float | None = None  # wall seconds of this process's last checkpoint save (rank 0)
+    loss_scale: float | None = None  # fp16: DeepSpeed's loss scale after the last step (None: not fp16 / not yet)
     target_evals: dict | None = None  # that eval
 
     @property
@@ -548,6 +549,7 @@ def resume(t: Trainer) -> None:
             print(f"resume: from {run.ckpt_dir / run.resume_tag} (step {t.step})", file=sys.stderr)
             if note := warn_slow_save(run.ckpt_dir / run.resume_tag):
                 print(note, file=sys.stderr, flush=True)
+    t.loss_scale = fp16_loss_scale(t.engine)  # fp16: the scale the first step starts from
 
 
 def start_monitor(t: Trainer) -> float:
@@ -739,6 +741,47 @@ class StepResult:
     bad_terms: list[str]  # labels of the non-finite terms
 
 
+def fp16_loss_scale(engine) -> float | None:
+    """DeepSpeed's current fp16 loss scale (its ZeRO optimizer's scaler or FP16_Optimizer's); None
+    outside fp16."""
+    if not getattr(engine, "fp16_enabled", lambda: False)():
+        return None
+    opt = engine.optimizer
+    scaler = getattr(opt, "loss_scaler", None)
+    scale = getattr(scaler, "cur_scale", None) if scaler is not None else getattr(opt, "cur_scale", None)
+    return None if scale is None else float(scale)
+
+
+def scale_explains_skip(before: float | None, after: float | None) -> bool:
+    """Whether an overflow skip is fp16 dynamic loss scaling at work: the scale dropped at this step
+    (it was above its minimum). A skip at the minimum scale, or any skip outside fp16, is not."""
+    return before is not None and after is not None and after < before
+
+
+def account_skip(t: Trainer, step: int, skipped: bool, bad_terms: list[str], scale: float | None) -> bool:
+    """The non-finite protocol's count after a step: True when the step was skipped. A skip that fp16
+    dynamic loss scaling explains (DeepSpeed's overflow while the scale could still drop: a too-high
+    initial scale skips the first steps) is reported but not counted; any other skip counts towards
+    `train.max_nonfinite_steps` in a row, which stops the run (NonFiniteError)."""
+    cfg, run = t.cfg, t.run
+    before, t.loss_scale = t.loss_scale, scale
+    if not skipped:
+        t.in_a_row = 0
+        return False
+    if not t.optimizer.skipped and scale_explains_skip(before, scale):
+        t.monitor.message(f"step {step}: fp16 gradient overflow: step skipped, loss scale {before:g} -> {scale:g}")
+        return True
+    t.skipped_total, t.in_a_row = t.skipped_total + 1, t.in_a_row + 1
+    what = ", ".join(bad_terms) or "gradients"
+    t.monitor.message(f"step {step}: non-finite {what}: step skipped ({t.in_a_row} in a row)")
+    t.monitor.scalars(step, {"train/skipped_steps": t.skipped_total})
+    if t.in_a_row >= cfg.train.max_nonfinite_steps:
+        raise NonFiniteError(f"stopped at step {step}: {t.in_a_row} steps in a row had non-finite {what} "
+                             f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last "
+                             f"complete checkpoint is under {run.ckpt_dir}")
+    return True
+
+
 def train_step(t: Trainer, step: int) -> StepResult:
     """Step `step` (1-based): its micro-batches, the optimizer step, then the non-finite protocol:
     a micro-batch with a non-finite term back-propagates an exact zero on every rank and the
@@ -773,17 +816,7 @@ def train_step(t: Trainer, step: int) -> StepResult:
     # skipped by our guard, or by DeepSpeed's ZeRO optimizer itself (it drops a step whose global
     # gradient norm is not finite, and then does not advance the LR schedule)
     skipped = t.optimizer.skipped or bool(getattr(engine.optimizer, "overflow", False))
-    if skipped:
-        t.skipped_total, t.in_a_row = t.skipped_total + 1, t.in_a_row + 1
-        what = ", ".join(bad_terms) or "gradients"
-        t.monitor.message(f"step {step}: non-finite {what}: step skipped ({t.in_a_row} in a row)")
-        t.monitor.scalars(step, {"train/skipped_steps": t.skipped_total})
-        if t.in_a_row >= cfg.train.max_nonfinite_steps:
-            raise NonFiniteError(f"stopped at step {step}: {t.in_a_row} steps in a row had non-finite {what} "
-                                 f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last "
-                                 f"complete checkpoint is under {run.ckpt_dir}")
-    else:
-        t.in_a_row = 0
+    if not account_skip(t, step, skipped, bad_terms, fp16_loss_scale(engine)):
         norm = engine.get_global_grad_norm()  # a tensor on the device under ZeRO: no sync here
         if norm is not None:
             keys, sums = keys + ("grad_norm",), torch.cat([sums, torch.as_tensor(

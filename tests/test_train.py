@@ -466,3 +466,33 @@ def test_the_ranks_agree_on_one_resume_checkpoint(mine, other, agreed, monkeypat
     assert tr.agree_on_resume(mine, tmp_path, layout) == agreed
     err = capsys.readouterr().err
     assert ("every rank resumes from" in err) is (mine != agreed or (other is not None and mine != f"step_{other:08d}"))
+
+
+def test_fp16_loss_scale_overflows_do_not_count_as_non_finite_steps():
+    """Issue 27: DeepSpeed's ordinary fp16 overflow skips (the scale still dropping) counted towards
+    the 3-in-a-row non-finite stop, so an fp16 run with a too-high initial scale exited 3 in its first
+    steps. Only skips the scaler cannot explain count: at its minimum scale, our guard's, or outside fp16."""
+    from types import SimpleNamespace
+
+    from tcd_ds import train as tr
+
+    messages = []
+    t = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(max_nonfinite_steps=3)),
+                        run=SimpleNamespace(ckpt_dir="ckpt"), optimizer=SimpleNamespace(skipped=False),
+                        monitor=SimpleNamespace(message=messages.append, scalars=lambda *a: None),
+                        loss_scale=2.0 ** 16, skipped_total=0, in_a_row=0)
+    for scale in (2.0 ** 15, 2.0 ** 14, 2.0 ** 13, 2.0 ** 12):  # four overflows while the scale drops
+        assert tr.account_skip(t, 1, True, [], scale) is True
+    assert t.in_a_row == 0 and t.skipped_total == 0 and "loss scale 65536 -> 32768" in messages[0]
+    assert tr.account_skip(t, 5, False, [], 2.0 ** 12) is False and t.loss_scale == 2.0 ** 12
+    for n in (1, 2):  # at the minimum the scale cannot drop: these count
+        assert tr.account_skip(t, 5 + n, True, [], 2.0 ** 12) and t.in_a_row == n
+    with pytest.raises(tr.NonFiniteError, match="3 steps in a row"):
+        tr.account_skip(t, 8, True, [], 2.0 ** 12)
+    t.in_a_row, t.optimizer.skipped = 0, True  # our guard's skip (a non-finite loss) counts whatever the scale
+    assert tr.account_skip(t, 9, True, ["MLM"], 2.0 ** 11) and t.in_a_row == 1
+    t.in_a_row, t.optimizer.skipped, t.loss_scale = 0, False, None  # bf16 / fp32: no scaler
+    assert tr.account_skip(t, 10, True, [], None) and t.in_a_row == 1
+    assert tr.fp16_loss_scale(SimpleNamespace(fp16_enabled=lambda: False)) is None
+    zero = SimpleNamespace(fp16_enabled=lambda: True, optimizer=SimpleNamespace(loss_scaler=SimpleNamespace(cur_scale=8.0)))
+    assert tr.fp16_loss_scale(zero) == 8.0
