@@ -5,7 +5,8 @@ Cooper Lake and later, AMX-BF16 on Sapphire Rapids) and a collapse without them:
 EPYC (Zen 2) a 2048^3 bf16 matmul ran at 0.24 GFLOP/s against 57 GFLOP/s in fp32 (2 threads), while
 an AVX512-BF16 EPYC ran 406 against 151. The CPU configs therefore choose by these flags, and by
 the model and the world size (measured by `python -m tcd_ds.bench --only trainer`, docs/performance.md):
-- MoE models run in fp32 on AMX CPUs: there, under DeepSpeed's bf16 engine, the MoE step was 1.6-1.8x
+- MoE models on the torch and grouped backends run in fp32 on AMX CPUs: there, under DeepSpeed's bf16
+  engine, the MoE step was 1.6-1.8x
   slower than in fp32 (small, 1 rank x 1 thread, Sapphire Rapids-class Xeon: 64 experts 3.7 k against
   6.8 k tok/s, 8 experts 5.8 k against 9.4 k) while the dense one was 8 % faster (11.8 k against
   10.9 k); on an AVX512-BF16 EPYC without AMX bf16 was the faster for both (MoE 4.5 k against 3.6 k,
@@ -48,7 +49,10 @@ def cpu_bf16_native(flags: frozenset[str] | None = None) -> bool:
 
 def cpu_ds_config(flags: frozenset[str] | None = None, moe: bool = False, ranks: int = 2) -> str:
     """The faster CPU DeepSpeed config for this CPU, model and world size: bf16 where native, except
-    for MoE models on AMX CPUs; fp32 otherwise; ZeRO-2 on several ranks, stage 0 on one."""
+    for MoE models on AMX CPUs; fp32 otherwise; ZeRO-2 on several ranks, stage 0 on one. `moe`: an
+    MoE model whose experts run as many small per-expert matmuls of varying rows on the rank (the
+    torch and grouped backends); DeepSpeed-MoE's capacity-padded experts ran faster in bf16 on the
+    same AMX CPU (2 ranks, ep_size 2: 4.8 k against 3.3 k tok/s), so the trainer passes False there."""
     flags = cpu_flags() if flags is None else flags
     bf16 = cpu_bf16_native(flags) and not (moe and "amx_bf16" in flags)
     if ranks == 1:

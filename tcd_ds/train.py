@@ -101,7 +101,8 @@ def load_ds_config(path: str, cfg: Config, device: torch.device, ranks: int = 1)
     """Read the DeepSpeed JSON (`auto`: `auto_ds_config`), refuse what cannot work, and fill the
     "auto" values from cfg.train."""
     if path == "auto":
-        path = auto_ds_config(device, moe=cfg.mode != "vanilla", ranks=ranks)
+        local_experts = cfg.mode != "vanilla" and cfg.model.moe.backend in ("torch", "grouped")
+        path = auto_ds_config(device, moe=local_experts, ranks=ranks)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"--deepspeed_config auto: {path}", file=sys.stderr, flush=True)
     try:

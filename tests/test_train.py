@@ -115,10 +115,13 @@ def test_deepspeed_config_auto_is_the_faster_one_for_this_device(monkeypatch, tm
     # (flags, mode, ranks) -> (bf16, ZeRO stage): MoE stays fp32 on AMX CPUs, one rank runs without ZeRO
     cases = {(("avx512_bf16",), "moe", 2): (True, 2), (("amx_bf16",), "moe", 2): (None, 2),
              (("amx_bf16",), "vanilla", 2): (True, 2), (("amx_bf16",), "vanilla", 1): (True, 0),
-             (("amx_bf16",), "tcd", 1): (None, 0), (("avx2",), "vanilla", 2): (None, 2)}
+             (("amx_bf16",), "tcd", 1): (None, 0), (("avx2",), "vanilla", 2): (None, 2),
+             (("amx_bf16",), "moe-deepspeed", 2): (True, 2)}  # DeepSpeed-MoE's padded experts: bf16 pays
     for (flags, mode, ranks), (bf16, stage) in cases.items():
         monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None, f=flags: frozenset(f))
-        cfg = build_config("tiny", [f"mode={mode}", *(["teacher.path=t"] if mode == "tcd" else [])])
+        backend = ["model.moe.backend=deepspeed", "model.moe.ep_size=2"] if mode == "moe-deepspeed" else []
+        mode = mode.split("-")[0]
+        cfg = build_config("tiny", [f"mode={mode}", *(["teacher.path=t"] if mode == "tcd" else []), *backend])
         ds = load_ds_config("auto", cfg, torch.device("cpu"), ranks)
         assert ds.get("bf16", {}).get("enabled") is bf16 and ds["zero_optimization"]["stage"] == stage, (flags, mode)
         assert ds["train_micro_batch_size_per_gpu"] == cfg.train.micro_batch_size
