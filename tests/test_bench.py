@@ -235,3 +235,20 @@ def test_merge_needs_an_existing_results_json(tmp_path, capsys):
 def test_unknown_section_is_an_error(capsys):
     assert suite.main(["--quick", "--only", "relation,nope"]) == 2
     assert "unknown section" in capsys.readouterr().err
+
+
+def test_the_report_names_no_machine_paths():
+    """Commands in docs/performance.* named this machine's interpreter, launcher, data and repo paths."""
+    import shutil
+    import sys
+
+    from tcd_ds.bench.__main__ import portable
+    from tcd_ds.resources import ROOT
+
+    text = (f"`{sys.executable} -m tcd_ds.train data.corpus={ROOT.parent / 'shared' / 'data' / 'x'} "
+            f"data.cache_dir={ROOT / '.cache'} run_dir=/tmp/tcd-bench-trainer1-ab_c9/moe`")
+    if shutil.which("deepspeed"):
+        text += f" `{shutil.which('deepspeed')} --num_accelerators 2`"
+    out = portable(text)
+    assert "python -m tcd_ds.train data.corpus=../shared/data/x data.cache_dir=.cache run_dir=<tmp>/moe" in out
+    assert str(ROOT) not in out and sys.executable not in out

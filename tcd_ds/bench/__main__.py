@@ -174,6 +174,23 @@ def markdown(result: dict[str, Any], bounds: dict[str, str] | None = None) -> st
     return "\n".join(lines)
 
 
+def portable(text: str) -> str:
+    """`text` without this machine's absolute paths: the interpreter and the deepspeed launcher by
+    name, the data beside the repo as ../shared, the repo itself as the working directory, temporary
+    run dirs as <tmp> (the committed report names no machine's paths)."""
+    import re
+    import shutil
+    import sys
+
+    from tcd_ds.resources import ROOT
+
+    for path, name in ((shutil.which("deepspeed"), "deepspeed"), (sys.executable, "python"),
+                       (str(ROOT.parent / "shared"), "../shared"), (str(ROOT) + "/", "")):
+        if path:
+            text = text.replace(path, name)
+    return re.sub(r"/tmp/tcd-bench-[\w.-]+", "<tmp>", text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Bad input is one `error:` line and exit status 2 (tcd_ds/cli.py), before anything runs."""
     p = Parser(prog="python -m tcd_ds.bench", description=__doc__.split("\n\n")[0])
@@ -219,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if previous is not None:
         result = merge(previous, result)
-    result = _clean(result)
+    result = json.loads(portable(json.dumps(_clean(result))))
     report = markdown(result, bounds)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
