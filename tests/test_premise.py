@@ -101,3 +101,28 @@ def test_variants_restricts_what_this_invocation_trains(tmp_path):
     with pytest.raises(SystemExit) as err:
         premise.main(["small", "--out", str(tmp_path), "--variants", "moe7"])
     assert err.value.code == 2 and not (tmp_path / "runs").exists()
+
+
+def test_the_committed_premise_results_recompute_from_their_runs():
+    """docs/results/premise/results.json: each variant's figures are its runs' val curves at the compared
+    step (plain arithmetic), every run is scored with the one eval_seed, and the P1 verdict follows the
+    rule from those figures."""
+    path = Path(__file__).resolve().parents[1] / "docs" / "results" / "premise" / "results.json"
+    res = json.loads(path.read_text())
+    ref = res["reference"]
+    assert {r["eval_seed"] for r in res["runs"].values()} == {res["eval_seed"]}
+    for name, v in res["variants"].items():
+        if not v.get("step"):
+            continue
+        def at_step(variant):  # val_curve: [step, val MLM] pairs
+            return [dict(r["val_curve"])[v["step"]] for r in res["runs"].values() if r["variant"] == variant]
+
+        mine, theirs = at_step(name), at_step(ref)
+        assert v["val_mlm"] == pytest.approx(mine) and v["mean"] == pytest.approx(sum(mine) / len(mine))
+        if name == ref:
+            continue
+        gap = sum(theirs) / len(theirs) - sum(mine) / len(mine)
+        assert v["p1"]["gap"] == pytest.approx(gap)
+        spread = max(max(mine) - min(mine), max(theirs) - min(theirs))
+        assert v["p1"]["met"] is (gap > spread)
+    assert (Path(path).parent / "report.md").read_text().count("| moe8 | 8 | 2 | 3000 |") == 1
