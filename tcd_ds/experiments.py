@@ -775,6 +775,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rc["ds_config"], how = resolve_ds_config(rc["ds_config"], out, rc["ranks"])
     command = "python -m tcd_ds.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command.replace(str(Path.home()), "~")  # the report and results.json name no machine's home
     p = Pipeline(name, rc, out)
     p.say(f"experiment {name} -> {out} (steps {', '.join(steps)}); DeepSpeed config {rc['ds_config']} ({how})")
     walls, stopped, step_start = {}, None, None

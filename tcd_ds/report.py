@@ -109,6 +109,15 @@ def _tokens_at(history: list[dict], step: int) -> int | None:
     return int(seen[-1]["tokens"]) if seen else None
 
 
+def _where() -> str:
+    """The working directory the command ran from, as the report names it: relative data paths are
+    read from there (no machine's absolute path: the repo root by name, else under ~)."""
+    from tcd_ds.resources import ROOT
+
+    cwd = Path(os.getcwd()).resolve()
+    return "the repo root" if cwd == ROOT.resolve() else "`" + str(cwd).replace(str(Path.home()), "~") + "`"
+
+
 def export_num_experts(config: dict) -> int:
     """The experts per MoE layer of an export's config.json: our exports keep the MoE settings under
     `tcd_moe` (a dense BERT has none: 0)."""
@@ -338,7 +347,7 @@ def _setup_section(c: _Report) -> list[str]:
     """The command, the invocations of the out dir, the machine and the resolved recipe."""
     out, rc, command = c.out, c.rc, c.command
     md: list[str] = []
-    md += [HEADINGS[0], "", "Command (run from `" + os.getcwd() + "`):", "", "```bash", command, "```", ""]
+    md += [HEADINGS[0], "", f"Command (run from {_where()}):", "", "```bash", command, "```", ""]
     inv = read_jsonl(out / "invocations.jsonl")
     if len(inv) > 1:
         md += ["Invocations of this out dir (resumes skip finished units):", "",

@@ -655,3 +655,15 @@ def test_results_name_an_moe_exports_real_number_of_experts():
     moe = config_to_hf(build_config("tiny", ["mode=moe", "model.moe.num_experts=8"]).student_model())
     dense = config_to_hf(build_config("tiny", ["mode=vanilla"]).student_model())
     assert report.export_num_experts(moe) == 8 and report.export_num_experts(dense) == 0
+
+
+def test_reports_name_no_machine_paths(tmp_path, monkeypatch):
+    """The report's 'run from' line and the recorded command named the machine's absolute paths."""
+    from tcd_ds.resources import ROOT
+
+    monkeypatch.chdir(ROOT)
+    assert report._where() == "the repo root"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "exp").mkdir()
+    monkeypatch.chdir(tmp_path / "exp")
+    assert report._where() == "`~/exp`"
