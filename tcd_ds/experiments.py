@@ -97,6 +97,19 @@ def _trainer_overrides(section: dict) -> list[str]:
     return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in _flatten(section).items()]
 
 
+def load_section_recipe(cls: type, directory: Path, recipe: str, overrides: list[str], kind: str) -> tuple[str, Any]:
+    """(name, validated `cls` tree) of a recipe given by path or by name in `directory`, with
+    key=value `overrides`: the premise and replication recipes' one loader; a bad one is one
+    ExperimentError line naming the `kind` of recipe."""
+    path = Path(recipe) if Path(recipe).is_file() else directory / f"{recipe}.yaml"
+    if not path.is_file():
+        raise ExperimentError(f"{kind} recipe {recipe!r} is neither a file nor {directory / (recipe + '.yaml')}")
+    try:
+        return path.stem, apply_overrides(from_dict(cls, yaml.safe_load(path.read_text()) or {}), list(overrides))
+    except (ConfigError, yaml.YAMLError) as err:
+        raise ExperimentError(str(err).splitlines()[0]) from None
+
+
 def load(recipe: str, overrides: list[str] = ()) -> tuple[str, dict]:
     """(recipe name, resolved and validated recipe dict)."""
     path = Path(recipe)

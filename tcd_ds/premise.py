@@ -40,12 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tcd_ds import resources
 from tcd_ds.atomic import read_json, read_jsonl, write_json_atomic, write_text_atomic
 from tcd_ds.cli import fail
-from tcd_ds.config import ConfigError, Section, apply_overrides, build_config, from_dict
+from tcd_ds.config import ConfigError, Section, build_config
 from tcd_ds.experiment_config import GlueConfig
 
 STEPS = ("pretrain", "transfer")
@@ -90,15 +88,9 @@ class PremiseConfig(Section):
 
 
 def load(recipe: str, overrides: list[str] = ()) -> tuple[str, dict]:
-    from tcd_ds.experiments import ExperimentError
+    from tcd_ds.experiments import ExperimentError, load_section_recipe
 
-    path = Path(recipe) if Path(recipe).is_file() else RECIPES / f"{recipe}.yaml"
-    if not path.is_file():
-        raise ExperimentError(f"premise recipe {recipe!r} is neither a file nor {RECIPES / (recipe + '.yaml')}")
-    try:
-        rc = apply_overrides(from_dict(PremiseConfig, yaml.safe_load(path.read_text()) or {}), list(overrides))
-    except (ConfigError, yaml.YAMLError) as err:
-        raise ExperimentError(str(err).splitlines()[0]) from None
+    stem, rc = load_section_recipe(PremiseConfig, RECIPES, recipe, overrides, "premise")
     rc = dataclasses.asdict(rc)
     rc["glue"]["per_task"] = {task: {k: v for k, v in entry.items() if v is not None}
                               for task, entry in rc["glue"]["per_task"].items()}
@@ -108,7 +100,7 @@ def load(recipe: str, overrides: list[str] = ()) -> tuple[str, dict]:
             build_config(rc["model_recipe"], [f"mode={mode}", *extra])
         except ConfigError as err:
             raise ExperimentError(f"variants.{name}: {err}") from None
-    return path.stem, rc
+    return stem, rc
 
 
 def _runs_of(rc: dict, variant: str, seed: int) -> tuple[str, tuple[str, list[str]]]:

@@ -29,12 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tcd_ds import resources
 from tcd_ds.atomic import read_json, write_json_atomic, write_text_atomic
 from tcd_ds.cli import fail
-from tcd_ds.config import ConfigError, Section, apply_overrides, from_dict
+from tcd_ds.config import ConfigError, Section
 
 RECIPES = resources.recipes("replication")
 ROLES = {"teacher": "teacher", "baseline": "baseline", "tcd": "student", "baseline_aligned": "aligned"}
@@ -71,16 +69,10 @@ class ReplicationConfig(Section):
 
 
 def load(recipe: str, overrides: list[str] = ()) -> tuple[str, dict]:
-    from tcd_ds.experiments import ExperimentError
+    from tcd_ds.experiments import load_section_recipe
 
-    path = Path(recipe) if Path(recipe).is_file() else RECIPES / f"{recipe}.yaml"
-    if not path.is_file():
-        raise ExperimentError(f"replication recipe {recipe!r} is neither a file nor {RECIPES / (recipe + '.yaml')}")
-    try:
-        rc = apply_overrides(from_dict(ReplicationConfig, yaml.safe_load(path.read_text()) or {}), list(overrides))
-    except (ConfigError, yaml.YAMLError) as err:
-        raise ExperimentError(str(err).splitlines()[0]) from None
-    return path.stem, dataclasses.asdict(rc)
+    name, rc = load_section_recipe(ReplicationConfig, RECIPES, recipe, overrides, "replication")
+    return name, dataclasses.asdict(rc)
 
 
 def seed_argv(rc: dict, out: Path, seed: int) -> list[str]:
